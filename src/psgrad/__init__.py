@@ -1,0 +1,19 @@
+"""psgrad: exact, verified and fast per-sample gradients for PyTorch."""
+
+__version__ = "0.1.0"
+
+from ._errors import MissingDependencyError, PsgradError, UnsupportedModelError
+from .api import clipped_grad_sum, engines, per_sample_grads, per_sample_norms
+from .verify import verify
+
+__all__ = [
+    "MissingDependencyError",
+    "PsgradError",
+    "UnsupportedModelError",
+    "__version__",
+    "clipped_grad_sum",
+    "engines",
+    "per_sample_grads",
+    "per_sample_norms",
+    "verify",
+]

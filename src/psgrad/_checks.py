@@ -1,0 +1,42 @@
+"""Model-level checks run before any engine: layers whose per-sample gradients are undefined."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._errors import PsgradError
+
+
+def check_model(model: nn.Module, where: str) -> None:
+    """Raise PsgradError for layers that mix the examples of a batch.
+
+    Per-sample gradients exist only when example i's loss depends on example i alone. BatchNorm in
+    training mode (or without running statistics, in any mode) normalises with statistics of the whole
+    batch, and ``scale_grad_by_freq`` divides each embedding gradient by a count taken over the whole
+    batch: in both, example i's loss or gradient depends on the other examples.
+    """
+    if not isinstance(model, nn.Module):
+        raise PsgradError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, m in model.named_modules():
+        label = name or type(model).__name__
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if not m.track_running_stats:
+                raise PsgradError(
+                    f"{where}: {label} ({type(m).__name__}) has track_running_stats=False, so it normalises each "
+                    "example with statistics of the whole batch in every mode and per-sample gradients are "
+                    "undefined; replace it with nn.GroupNorm (or LayerNorm)"
+                )
+            if m.training:
+                raise PsgradError(
+                    f"{where}: {label} ({type(m).__name__}) is in training mode, where it normalises each example "
+                    "with statistics of the whole batch, so per-sample gradients are undefined; replace it with "
+                    "nn.GroupNorm, or call model.eval() to use its running statistics"
+                )
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq:
+            raise PsgradError(
+                f"{where}: {label} ({type(m).__name__}) has scale_grad_by_freq=True, which divides each gradient "
+                "by word counts taken over the whole batch, so per-sample gradients are undefined; set "
+                "scale_grad_by_freq=False"
+            )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PsgradError(f"{where}: the model has no trainable parameters (none has requires_grad=True)")

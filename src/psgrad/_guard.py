@@ -1,0 +1,69 @@
+"""Leave the user's model exactly as it was found, also when a call raises.
+
+Every public call runs its engine inside :class:`ModelGuard`. Engines are written not to leave state on
+modules or parameters, and this guard is the belt to those braces: it restores train/eval modes, hook
+dictionaries, attributes added to modules or parameters, ``.grad``, ``requires_grad`` and buffer values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+class ModelGuard:
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> ModelGuard:
+        modules = list(self.model.modules())
+        self._modules: list[tuple[nn.Module, bool, set[str], dict[str, dict], dict, dict]] = []
+        for m in modules:
+            hooks = {name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
+            self._modules.append((m, m.training, set(m.__dict__), hooks, dict(m._parameters), dict(m._buffers)))
+        self._params: list[tuple[nn.Parameter, Any, bool, set[str], int]] = []
+        for p in {id(p): p for m in modules for p in m._parameters.values() if p is not None}.values():
+            self._params.append((p, p.grad, p.requires_grad, set(p.__dict__), p._version))
+        self._buffers: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        for b in {id(b): b for m in modules for b in m._buffers.values() if b is not None}.values():
+            self._buffers.append((b, b._version, b.detach().clone()))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, training, attrs, hooks, params, buffers in self._modules:
+            m.training = training
+            for name in set(m.__dict__) - attrs:
+                delattr(m, name)
+            for name, saved in hooks.items():
+                current = getattr(m, name)
+                current.clear()
+                current.update(saved)
+            if m._parameters != params:
+                m._parameters.clear()
+                m._parameters.update(params)
+            if m._buffers != buffers:
+                m._buffers.clear()
+                m._buffers.update(buffers)
+        with torch.no_grad():
+            for p, grad, requires_grad, attrs, version in self._params:
+                for name in set(p.__dict__) - attrs:
+                    delattr(p, name)
+                p.grad = grad
+                p.requires_grad_(requires_grad)
+                if p._version != version:  # pragma: no cover - no engine writes parameters
+                    raise RuntimeError("psgrad: an engine modified a parameter in place; please report this")
+            for b, version, saved in self._buffers:
+                if b._version != version:
+                    b.copy_(saved)

@@ -1,0 +1,1 @@
+"""Benchmarks: workloads timed per engine, results as data (JSON), tables and plots."""

@@ -1,0 +1,80 @@
+"""Clipping factors for DP-SGD, computed from per-sample squared norms.
+
+``flat``: c_i = min(1, C / ||g_i||), and c_i = 1 where ||g_i|| = 0.
+``per_layer``: parameters fall into groups (one per module that owns parameters); group k is clipped to its
+    own bound C_k with the flat rule applied to that group's norm. A scalar C gives each of the G groups
+    C / sqrt(G), so the whole clipped gradient still has norm <= C.
+``automatic`` (normalisation, Bu et al. 2022, "Automatic clipping"): c_i = C / (||g_i|| + gamma).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._errors import PsgradError
+
+MODES = ("flat", "per_layer", "automatic")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    mode: str
+    max_norm: float | Mapping[str, float]
+    gamma: float = 0.01
+    groups: Mapping[str, str] = field(default_factory=dict)  # parameter name -> group name
+
+    @classmethod
+    def make(cls, mode: str, max_norm, gamma: float, groups: Mapping[str, str], where: str) -> ClipSpec:
+        if mode not in MODES:
+            raise PsgradError(f"{where}: unknown clipping {mode!r}; valid: {', '.join(MODES)}")
+        group_names = sorted(set(groups.values()))
+        if isinstance(max_norm, Mapping):
+            if mode != "per_layer":
+                raise PsgradError(f"{where}: a dict of bounds needs clipping='per_layer'")
+            missing = [g for g in group_names if g not in max_norm]
+            unknown = [g for g in max_norm if g not in group_names]
+            if missing or unknown:
+                raise PsgradError(
+                    f"{where}: per_layer bounds must name every group exactly; missing {missing}, unknown {unknown}; "
+                    f"groups are {group_names}"
+                )
+            bounds = dict(max_norm)
+        else:
+            bounds = {"": max_norm}
+        for value in bounds.values():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise PsgradError(f"{where}: max_norm must be a positive finite number, got {value!r}")
+        if mode == "automatic" and not (gamma > 0):
+            raise PsgradError(f"{where}: gamma must be positive for automatic clipping, got {gamma!r}")
+        if mode == "per_layer" and not isinstance(max_norm, Mapping):
+            scalar = float(max_norm) / math.sqrt(len(group_names))
+            max_norm = {g: scalar for g in group_names}
+        return cls(mode, max_norm, gamma, dict(groups))
+
+    def total_norm(self, sq_norms: Mapping[str, Tensor]) -> Tensor:
+        return torch.stack([s.double() for s in sq_norms.values()]).sum(0).sqrt()
+
+    def factors(self, sq_norms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The clipping factor [B] for each parameter name (equal within a group)."""
+        if self.mode == "per_layer":
+            group_sq: dict[str, Tensor] = {}
+            for name, s in sq_norms.items():
+                g = self.groups[name]
+                group_sq[g] = group_sq[g] + s.double() if g in group_sq else s.double()
+            per_group = {g: _flat(s.sqrt(), float(self.max_norm[g])) for g, s in group_sq.items()}
+            return {name: per_group[self.groups[name]] for name in sq_norms}
+        norm = self.total_norm(sq_norms)
+        if self.mode == "flat":
+            c = _flat(norm, float(self.max_norm))
+        else:
+            c = float(self.max_norm) / (norm + self.gamma)
+        return dict.fromkeys(sq_norms, c)
+
+
+def _flat(norm: Tensor, bound: float) -> Tensor:
+    return torch.where(norm > 0, (bound / norm).clamp(max=1.0), torch.ones_like(norm))

@@ -1,0 +1,1 @@
+"""DP-SGD: Poisson sampling, clipping, noise, accounting and a private trainer."""

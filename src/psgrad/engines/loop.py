@@ -1,0 +1,56 @@
+"""The truth: one forward and one backward per example.
+
+Slow by design and simple enough to trust. With ``dtype=torch.float64`` it runs on a float64 copy of the
+model and inputs, which is what :func:`psgrad.verify` compares every other engine with.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._batch import Batch, check_losses
+from .base import Engine, LossFn
+
+
+class LoopEngine(Engine):
+    name = "loop"
+    options = frozenset({"dtype"})
+    summary = "one backward per example; the ground truth (dtype=torch.float64 for the verifier)"
+
+    def grads(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Batch,
+        params: Mapping[str, nn.Parameter],
+        out: Mapping[str, Tensor] | None,
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        work_model, work_batch, work_params = model, batch, dict(params)
+        if dtype is not None:
+            work_model = copy.deepcopy(model).to(dtype)
+            work_batch = batch.to(dtype=dtype)
+            named = dict(work_model.named_parameters())
+            work_params = {n: named[n] for n in params}
+        names = list(work_params)
+        tensors = [work_params[n] for n in names]
+        if out is None:
+            out = {n: torch.empty((batch.size, *p.shape), dtype=p.dtype, device=p.device) for n, p in work_params.items()}
+        losses = []
+        for i in range(batch.size):
+            example = work_batch.select(slice(i, i + 1))
+            loss = check_losses(loss_fn(example.call(work_model), example.targets), 1, "loop engine")
+            grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is None:
+                    out[n][i].zero_()
+                else:
+                    out[n][i].copy_(g)
+            losses.append(loss.detach())
+        return {n: out[n] for n in names}, torch.cat(losses)

@@ -1,0 +1,94 @@
+"""What a rule is, and the materializing defaults that every rule inherits.
+
+A rule turns the captured calls of one module into, for the parameters it owns (by local name):
+- ``grad_sample``: per-sample gradients ``[B, *p.shape]``, written (or added) into given buffers;
+- ``norm_sample``: per-sample squared norms ``[B]`` of the sum over all calls, plus a cache;
+- ``clipped_sum``: ``sum_i c_i g_i`` given the clipping factors ``c``, reusing that cache.
+Only ``grad_sample`` is required; the defaults of the other two materialize it per module (transiently).
+Rules know nothing of engines: they see a module, its :class:`~psgrad.capture.Call` objects and tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import Call
+
+
+class Rule:
+    #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
+    #: out_proj, whose forward is never called)
+    claims_children: bool = False
+
+    def check(self, module: nn.Module, call: Call) -> str | None:
+        """None if this rule can handle ``call``, else why not (the generic fallback then takes it)."""
+        return None
+
+    def grad_sample(
+        self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool
+    ) -> None:
+        """Write (``accumulate=False``) or add the per-sample gradients of ``call`` into ``dest``."""
+        raise NotImplementedError
+
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        """Per-sample squared norms of each parameter's gradient summed over ``calls``, and a cache for
+        :meth:`clipped_sum`. Default: materialize the per-sample gradients (kept as the cache)."""
+        grads = materialize(self, module, calls, names)
+        return {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()}, grads
+
+    def clipped_sum(
+        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+    ) -> dict[str, Tensor]:
+        """``sum_i c_i g_i`` for each parameter; ``cache`` is what :meth:`norm_sample` returned."""
+        return {n: torch.tensordot(c.to(cache[n].dtype), cache[n], dims=([0], [0])) for n in names}
+
+
+def materialize(rule: Rule, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-sample gradients of ``names`` summed over ``calls``, in fresh tensors."""
+    b = calls[0].batch_size
+    dest = {}
+    for n in names:
+        p = module.get_parameter(n)
+        dest[n] = torch.empty((b, *p.shape), dtype=p.dtype, device=p.device)
+    for i, call in enumerate(calls):
+        rule.grad_sample(module, call, dest, accumulate=i > 0)
+    return dest
+
+
+def put(dest: Tensor, value: Tensor, accumulate: bool) -> None:
+    """``dest = value`` or ``dest += value``, in place."""
+    if accumulate:
+        dest.add_(value)
+    else:
+        dest.copy_(value)
+
+
+def linear_form_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Per-sample ``||b_i^T a_i||_F^2`` for ``a: [B, T, d]``, ``b: [B, T, p]``, the cheaper way, and a cache.
+
+    T = 1: ``||a_i|| ||b_i||`` (Goodfellow 2015). Otherwise the ghost norm ``<a_i a_i^T, b_i b_i^T>``
+    (Li et al. 2021) costs O(T^2 (p + d)) against O(T p d) for materializing ``b_i^T a_i``; following
+    Bu et al. (2022) the ghost norm is used iff 2 T^2 <= p d. When materialized, the per-sample
+    gradients ``[B, p, d]`` are returned as the cache, so that the clipped sum is a weighted sum of them.
+    """
+    t, d, p = a.shape[1], a.shape[2], b.shape[2]
+    if t == 1:
+        return a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)), None
+    if 2 * t * t <= p * d:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)), None
+    g = torch.bmm(b.transpose(1, 2), a)
+    return g.pow(2).sum((1, 2)), g
+
+
+def linear_form_clipped(a: Tensor, b: Tensor, c: Tensor, cache: Tensor | None) -> Tensor:
+    """``sum_i c_i b_i^T a_i`` as ``[p, d]``: one ordinary weight-gradient product with scaled output
+    gradients (book-keeping, Bu et al. 2023), or a weighted sum of the cached per-sample gradients."""
+    c = c.to(a.dtype)
+    if cache is not None:
+        return torch.tensordot(c, cache, dims=([0], [0]))
+    bs = b * c.view(-1, 1, 1)
+    return bs.reshape(-1, b.shape[2]).t().mm(a.reshape(-1, a.shape[2]))

@@ -1,0 +1,48 @@
+"""Named workloads: a model with random weights, a batch, targets and a per-sample loss.
+
+``make(name, batch_size, device)`` builds one; a user's own is named ``package.module:function``, where the
+function takes ``(batch_size, device)`` and returns a :class:`Workload`. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .._errors import PsgradError
+from .base import Workload
+from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop
+
+Factory = Callable[[int, torch.device], Workload]
+
+WORKLOADS: dict[str, Factory] = {
+    "resnet18-gn": resnet18_gn,
+    "resnet18-gn-oop": resnet18_gn_oop,
+    "cnn": cnn,
+    "mlp": mlp,
+}
+
+
+def make(name: str, batch_size: int, device: str | torch.device = "cpu") -> Workload:
+    """Build workload ``name`` (a registered name or ``module:function``) at ``batch_size`` on ``device``."""
+    return resolve(name)(batch_size, torch.device(device))
+
+
+def resolve(name: str) -> Factory:
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PsgradError(f"workload {name!r}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
+        if not callable(factory):
+            raise PsgradError(f"workload {name!r}: {attr!r} is not callable")
+        return factory
+    raise PsgradError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)} or package.module:function")
+
+
+__all__ = ["WORKLOADS", "Workload", "make", "resolve"]

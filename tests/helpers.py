@@ -1,0 +1,72 @@
+"""Shared test oracles: the float64 loop as truth, and a fingerprint of everything a call must not change."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import psgrad
+from psgrad.verify import compare, tolerance
+
+
+def truth(model, loss_fn, inputs, targets=None, **kw):
+    return psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="loop", dtype=torch.float64, **kw)
+
+
+def assert_close_to_truth(result, expected, dtype=torch.float32, label=""):
+    """Every parameter within the norm-relative tolerance of psgrad.verify; all mismatches reported at once."""
+    assert set(result) == set(expected), f"{label}: names differ: {sorted(set(result) ^ set(expected))}"
+    for name in expected:
+        assert result[name].shape == expected[name].shape, f"{label}: {name} shape {result[name].shape} != {expected[name].shape}"
+    bad = [p for p in compare(result, expected, dtype) if not p.ok]
+    assert not bad, f"{label}: outside tolerance {tolerance(dtype):.1e}: " + "; ".join(
+        f"{p.name} {p.shape} rel err {p.rel_err:.2e}" for p in bad
+    )
+
+
+def assert_engine_exact(model, loss_fn, inputs, targets=None, engine="hooks", **kw):
+    """Engine result equals the float64 truth and leaves the model untouched."""
+    expected = truth(model, loss_fn, inputs, targets)
+    before = fingerprint(model)
+    result = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine=engine, **kw)
+    assert fingerprint(model) == before, f"{engine} changed the model"
+    dtype = next(iter(result.values())).dtype
+    assert_close_to_truth(result, expected, dtype, label=engine)
+    return result, expected
+
+
+def fingerprint(model: nn.Module):
+    """Everything a psgrad call promises to leave as found."""
+    state = []
+    for name, m in model.named_modules():
+        hooks = tuple(
+            len(getattr(m, h, {}))
+            for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                      "_forward_hooks_with_kwargs")
+        )
+        state.append((name, type(m).__name__, m.training, tuple(sorted(m.__dict__)), hooks))
+    for name, p in model.named_parameters():
+        grad = None if p.grad is None else p.grad.clone()
+        state.append((name, p.requires_grad, tuple(sorted(p.__dict__)), p.detach().clone(), grad))
+    for name, b in model.named_buffers():
+        state.append((name, b.clone()))
+    return _Comparable(state)
+
+
+class _Comparable:
+    def __init__(self, items):
+        self.items = items
+
+    def __eq__(self, other):
+        if len(self.items) != len(other.items):
+            return False
+        for a, b in zip(self.items, other.items):
+            if len(a) != len(b):
+                return False
+            for x, y in zip(a, b):
+                if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)):
+                        return False
+                elif x != y:
+                    return False
+        return True
