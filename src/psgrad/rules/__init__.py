@@ -1,6 +1,6 @@
 """Per-layer rules. Importing this package registers the built-in rules into :data:`DEFAULT`."""
 
-from . import linear  # noqa: F401  (registers its rule)
+from . import attention, conv, embedding, linear, norm, recurrent  # noqa: F401  (each registers its rules)
 from .base import Rule
 from .fallback import FALLBACK, FallbackRule
 from .registry import DEFAULT, Registry

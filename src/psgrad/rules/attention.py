@@ -1,0 +1,1 @@
+"""Rules for the attention layer family (registered into DEFAULT on import)."""

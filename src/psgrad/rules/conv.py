@@ -1,0 +1,1 @@
+"""Rules for the conv layer family (registered into DEFAULT on import)."""

@@ -1,0 +1,1 @@
+"""Rules for the embedding layer family (registered into DEFAULT on import)."""

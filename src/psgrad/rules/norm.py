@@ -1,0 +1,1 @@
+"""Rules for the norm layer family (registered into DEFAULT on import)."""

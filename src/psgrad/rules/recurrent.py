@@ -1,0 +1,1 @@
+"""Rules for the recurrent layer family (registered into DEFAULT on import)."""
