@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._batch import Batch
 from ..clipping import ClipSpec
+from ..rules.base import sq_norms
 
 LossFn = Callable[[Any, Tensor | None], Tensor]
 
@@ -48,7 +49,7 @@ class Engine:
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Per-sample squared norms of each parameter's gradient, ``{name: [B]}``, and the losses."""
         grads, losses = self.grads(model, loss_fn, batch, params, None, **options)
-        return {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()}, losses
+        return {n: sq_norms(g) for n, g in grads.items()}, losses
 
     def clipped_sum(
         self,
@@ -61,7 +62,7 @@ class Engine:
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """``sum_i c_i g_i`` per parameter, the per-sample norms ``[B]`` (before clipping) and losses."""
         grads, losses = self.grads(model, loss_fn, batch, params, None, **options)
-        sq = {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()}
+        sq = {n: sq_norms(g) for n, g in grads.items()}
         factors = clip.factors(sq)
         summed = {}
         for n, g in grads.items():

@@ -23,7 +23,7 @@ from .._errors import PsgradError
 from ..capture import Call, Capture, Unit
 from ..clipping import ClipSpec
 from ..rules import DEFAULT, FALLBACK, Registry
-from ..rules.base import materialize
+from ..rules.base import materialize, sq_norms
 from .base import Engine, LossFn
 
 
@@ -143,7 +143,7 @@ class HooksEngine(Engine):
                     for call in calls:
                         call.release()
         for glob, g in shared.items():
-            sq[glob] = g.flatten(1).pow(2).sum(1)
+            sq[glob] = sq_norms(g)
         for name, p in params.items():
             if name not in sq:
                 sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)

@@ -38,13 +38,18 @@ class Rule:
         """Per-sample squared norms of each parameter's gradient summed over ``calls``, and a cache for
         :meth:`clipped_sum`. Default: materialize the per-sample gradients (kept as the cache)."""
         grads = materialize(self, module, calls, names)
-        return {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()}, grads
+        return {n: sq_norms(g) for n, g in grads.items()}, grads
 
     def clipped_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
     ) -> dict[str, Tensor]:
         """``sum_i c_i g_i`` for each parameter; ``cache`` is what :meth:`norm_sample` returned."""
         return {n: torch.tensordot(c.to(cache[n].dtype), cache[n], dims=([0], [0])) for n in names}
+
+
+def sq_norms(g: Tensor) -> Tensor:
+    """Per-sample squared norms ``[B]`` of per-sample gradients ``[B, *shape]`` (any shape, scalars too)."""
+    return g.reshape(g.shape[0], -1).pow(2).sum(1)
 
 
 def materialize(rule: Rule, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:

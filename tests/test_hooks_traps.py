@@ -1,0 +1,255 @@
+"""The hooks engine where hook-based engines go silently wrong (DESIGN.md, "Traps").
+
+Every case is compared with the float64 loop; where the engine cannot be exact it must refuse
+(UnsupportedModelError) and ``engine="auto"`` must still return the truth through another engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth
+from torch import nn
+
+import psgrad
+from psgrad import UnsupportedModelError
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def _xy(b=5, d=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+def _check_all_tasks(model, inputs, targets, loss_fn=CE):
+    """grads, norms and clipped sums of the hooks engine against values derived from the truth."""
+    expected = truth(model, loss_fn, inputs, targets)
+    before = fingerprint(model)
+    got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
+    assert fingerprint(model) == before
+    assert_close_to_truth(got, expected)
+    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
+    norms = torch.stack(list(sq.values())).sum(0).sqrt()
+    got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
+    assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]})
+    bound = norms.median().item() * 0.7
+    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
+    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
+    got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
+    assert fingerprint(model) == before
+    assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()})
+
+
+class Tied(nn.Module):
+    """A language-model head tied to the embedding: one parameter, two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens))).mean(1))
+
+
+def test_tied_weights_add_up():
+    tokens = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(1))
+    _check_all_tasks(Tied().eval(), tokens, torch.randint(0, 10, (4,)))
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 4)
+        self.shared = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.shared(torch.tanh(self.inp(x)))
+        return self.out(self.shared(torch.relu(h)))
+
+
+def test_module_called_twice():
+    torch.manual_seed(0)
+    _check_all_tasks(Twice().eval(), *_xy())
+
+
+class FrozenUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.frozen = nn.Linear(5, 5).requires_grad_(False)
+        self.unused = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 3)
+        self.b.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.frozen(self.a(x))))
+
+
+def test_frozen_and_unused_parameters():
+    torch.manual_seed(0)
+    model = FrozenUnused().eval()
+    x, y = _xy()
+    got = psgrad.per_sample_grads(model, CE, x, y, engine="hooks")
+    assert set(got) == {"a.weight", "a.bias", "unused.weight", "unused.bias", "b.weight"}
+    assert got["unused.weight"].abs().max() == 0 and got["unused.weight"].shape == (5, 5, 5)
+    _check_all_tasks(model, x, y)
+
+
+def test_float64_model():
+    torch.manual_seed(0)
+    model = Twice().double().eval()
+    x, y = _xy()
+    result, _ = assert_engine_exact(model, CE, x.double(), y)
+    assert all(g.dtype == torch.float64 for g in result.values())
+
+
+class TimeFirst(nn.Module):
+    """Transposes to [T, B, d] inside; T equals B, so sizes alone cannot tell where the batch is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, T, 4]
+        h = self.norm(self.proj(x.transpose(0, 1)))  # [T, B, 4]
+        return self.head(torch.tanh(h).cumsum(0)[-1])
+
+
+def test_batch_not_in_dimension_zero_even_when_sizes_coincide():
+    torch.manual_seed(0)
+    x = torch.randn(5, 5, 4)
+    _check_all_tasks(TimeFirst().eval(), x, torch.randint(0, 3, (5,)))
+
+
+class Positions(nn.Module):
+    """GPT-2 style: position ids of shape [1, T] broadcast against the batch."""
+
+    def __init__(self, misuse=False):
+        super().__init__()
+        self.tok = nn.Embedding(10, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 3)
+        self.misuse = misuse
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        p = self.pos(torch.arange(t).unsqueeze(0))  # [1, T, 4]
+        if self.misuse:
+            p = p[0]  # indexes the row instead of broadcasting it
+        return self.head(torch.tanh(self.tok(tokens) + p).mean(1))
+
+
+def test_layer_fed_a_broadcast_batch_of_one():
+    tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(2))
+    _check_all_tasks(Positions().eval(), tokens, torch.randint(0, 3, (4,)))
+
+
+def test_batch_of_one_everywhere():
+    tokens = torch.randint(0, 10, (1, 6), generator=torch.Generator().manual_seed(2))
+    _check_all_tasks(Positions().eval(), tokens, torch.randint(0, 3, (1,)))
+
+
+def _refused_then_auto_is_exact(model, inputs, targets):
+    with pytest.raises(UnsupportedModelError):
+        psgrad.per_sample_grads(model, CE, inputs, targets, engine="hooks")
+    with pytest.warns(UserWarning, match="cannot handle this model"):
+        got = psgrad.per_sample_grads(model, CE, inputs, targets)
+    assert_close_to_truth(got, truth(model, CE, inputs, targets))
+
+
+def test_broadcast_row_indexed_is_refused_not_guessed():
+    tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(2))
+    _refused_then_auto_is_exact(Positions(misuse=True).eval(), tokens, torch.randint(0, 3, (4,)))
+
+
+class OutsideUse(nn.Module):
+    """The parent reuses the embedding's weight through F.linear: a use outside the owner's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, tokens):
+        return F.linear(self.emb(tokens).mean(1), self.emb.weight)
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    tokens = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(3))
+    _refused_then_auto_is_exact(OutsideUse().eval(), tokens, torch.randint(0, 10, (4,)))
+
+
+class BatchIndependent(nn.Module):
+    """A learned query bank whose size equals the batch size: not a batch dimension."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n, 4))
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, 4]
+        q = self.proj(self.queries)  # [n, 4], no batch
+        return self.head(torch.softmax(x @ q.t(), -1) @ q)
+
+
+def test_batch_independent_layer_is_refused():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    _refused_then_auto_is_exact(BatchIndependent(5).eval(), x, y)
+
+
+class Custom(nn.Module):
+    """Bare parameters used directly: a cls token and a learnable scale (the generic rule's job)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, T, 4]
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        h = torch.tanh(self.body(h)) * self.scale
+        return self.head(h[:, 0])
+
+
+def test_bare_parameters_in_a_custom_module():
+    torch.manual_seed(0)
+    _check_all_tasks(Custom().eval(), torch.randn(4, 3, 4), torch.randint(0, 3, (4,)))
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 5)
+        self.c = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.relu_()  # in place on a layer's output
+        h2 = self.b(h)
+        h2 += h  # in-place residual add
+        return self.c(torch.relu_(h2))
+
+
+def test_in_place_ops_after_layers():
+    torch.manual_seed(0)
+    _check_all_tasks(InPlaceAfter().eval(), *_xy())
+
+
+def test_autocast_is_a_clear_error():
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x, y = _xy()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(psgrad.PsgradError, match="autocast"):
+        psgrad.per_sample_grads(model, CE, x, y, engine="hooks")
