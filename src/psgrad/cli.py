@@ -30,6 +30,7 @@ def verify_main(argv: Sequence[str]) -> int:
     parser.add_argument("--engines", type=_csv, default=None, help="comma-separated; default: every available engine")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON to this path")
+    parser.add_argument("--tasks", type=_csv, default=["grads"], help="comma-separated: grads,norms,clipped")
     parser.add_argument("--strict", action="store_true", help="also fail when an engine cannot run the model")
     args = parser.parse_args(argv)
 
@@ -38,7 +39,7 @@ def verify_main(argv: Sequence[str]) -> int:
 
     w = workloads.make(args.workload, args.batch_size, args.device)
     w.model.eval()
-    report = verify(w.model, w.loss_fn, w.inputs, w.targets, engines=args.engines)
+    report = verify(w.model, w.loss_fn, w.inputs, w.targets, engines=args.engines, tasks=args.tasks)
     print(verify_table(report, title=f"psgrad verify: {w.name}, batch {args.batch_size}, against the float64 loop"))
     if args.json_path:
         with open(args.json_path, "w") as f:

@@ -11,15 +11,15 @@ def _fmt(x: float) -> str:
 
 def verify_table(report: Report, title: str = "") -> str:
     lines = [title] if title else []
-    header = f"{'engine':<10} {'status':<9} {'max rel err':>11} {'tolerance':>10} {'worst parameter':<40} {'cosine':>12} {'time s':>7}"
+    header = f"{'task':<8} {'engine':<10} {'status':<9} {'max rel err':>11} {'tolerance':>10} {'worst parameter':<40} {'cosine':>12} {'time s':>7}"
     lines += [header, "-" * len(header)]
     for e in report.engines:
         worst = e.worst
         if e.status == "error":
-            lines.append(f"{e.engine:<10} {'error':<9} {e.reason[:110]}")
+            lines.append(f"{e.task:<8} {e.engine:<10} {'error':<9} {e.reason[:110]}")
             continue
         lines.append(
-            f"{e.engine:<10} {e.status:<9} {_fmt(e.max_rel_err):>11} {_fmt(e.tolerance):>10} "
+            f"{e.task:<8} {e.engine:<10} {e.status:<9} {_fmt(e.max_rel_err):>11} {_fmt(e.tolerance):>10} "
             f"{(worst.name if worst else '-')[:40]:<40} {(f'{worst.cosine:.9f}' if worst else '-'):>12} {e.seconds:7.2f}"
         )
     bad = report.mismatches()

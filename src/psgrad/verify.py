@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .api import clipped_grad_sum, per_sample_grads, per_sample_norms
 from .api import engines as available_engines
-from .api import per_sample_grads
 
 FLOOR_FRACTION = 1e-3
+TASKS = ("grads", "norms", "clipped")
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -50,6 +51,7 @@ class ParamResult:
 class EngineResult:
     engine: str
     status: str  # "ok", "mismatch" or "error"
+    task: str = "grads"
     reason: str = ""
     seconds: float = math.nan
     tolerance: float = math.nan
@@ -110,6 +112,7 @@ def verify(
     targets: Tensor | None = None,
     *,
     engines: Sequence[str] | None = None,
+    tasks: Sequence[str] = ("grads",),
     truth: Mapping[str, Tensor] | None = None,
 ) -> Report:
     """Compare each engine's per-sample gradients with the float64 loop, parameter by parameter.
@@ -118,6 +121,9 @@ def verify(
         model, loss_fn, inputs, targets: as in :func:`psgrad.per_sample_grads`. The model's mode is used
             as is; the CLI verifies models in eval mode.
         engines (Sequence[str], optional): engines to check; default: every available engine but ``loop``.
+        tasks (Sequence[str]): any of ``"grads"`` (per-sample gradients), ``"norms"`` (per-sample norms)
+            and ``"clipped"`` (the clipped sum with ``max_norm`` half the median true norm, so that
+            clipping is active), each compared with what the truth implies.
         truth (dict, optional): precomputed float64 per-sample gradients, to skip recomputing them.
 
     Returns:
@@ -133,20 +139,40 @@ def verify(
     if truth is None:
         truth = per_sample_grads(model, loss_fn, inputs, targets, engine="loop", dtype=torch.float64)
     names = list(engines) if engines is not None else [e for e in available_engines() if e != "loop"]
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"verify: unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
+    sq = {n: g.double().reshape(len(g), -1).pow(2).sum(1) for n, g in truth.items()}
+    true_norms = torch.stack(list(sq.values())).sum(0).sqrt()
+    bound = 0.5 * true_norms.median().item()
+    if bound <= 0:
+        bound = 1.0
+    c = torch.where(true_norms > 0, (bound / true_norms).clamp(max=1.0), torch.ones_like(true_norms))
+    expected = {
+        "grads": truth,
+        "norms": {"norm": true_norms},
+        "clipped": {n: torch.tensordot(c.to(g.dtype), g, dims=([0], [0])) for n, g in truth.items()},
+    }
+    compute = {
+        "grads": lambda e: per_sample_grads(model, loss_fn, inputs, targets, engine=e),
+        "norms": lambda e: {"norm": per_sample_norms(model, loss_fn, inputs, targets, engine=e)},
+        "clipped": lambda e: clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine=e),
+    }
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
     results = []
-    for name in names:
-        start = time.perf_counter()
-        try:
-            grads = per_sample_grads(model, loss_fn, inputs, targets, engine=name)
-        except Exception as exc:  # an engine that cannot run the model is reported, not fatal
-            results.append(EngineResult(name, "error", f"{type(exc).__name__}: {exc}"))
-            continue
-        seconds = time.perf_counter() - start
-        dtype = next(iter(grads.values())).dtype
-        params = compare(grads, truth, dtype)
-        status = "ok" if all(p.ok for p in params) else "mismatch"
-        worst = max((p.rel_err for p in params), default=0.0)
-        results.append(EngineResult(name, status, "", seconds, tolerance(dtype), worst, params))
+    for task in tasks:
+        for name in names:
+            start = time.perf_counter()
+            try:
+                got = compute[task](name)
+            except Exception as exc:  # an engine that cannot run the model is reported, not fatal
+                results.append(EngineResult(name, "error", task, f"{type(exc).__name__}: {exc}"))
+                continue
+            seconds = time.perf_counter() - start
+            params = compare(got, expected[task], dtype)
+            status = "ok" if all(p.ok for p in params) else "mismatch"
+            worst = max((p.rel_err for p in params), default=0.0)
+            results.append(EngineResult(name, status, task, "", seconds, tolerance(dtype), worst, params))
     batch_size = next(iter(truth.values())).shape[0]
     return Report(batch_size, results)
 

@@ -1,0 +1,71 @@
+"""The verifier: the report, its tolerance, and the CLI's exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import psgrad
+from psgrad.cli import main
+from psgrad.verify import FLOOR_FRACTION, compare, tolerance
+
+CE = nn.CrossEntropyLoss(reduction="none")
+
+
+def test_tolerance_is_sqrt_eps():
+    assert tolerance(torch.float32) == pytest.approx(math.sqrt(torch.finfo(torch.float32).eps))
+    assert tolerance(torch.float64) < 1e-7
+
+
+def test_compare_flags_a_wrong_scale_and_reports_every_parameter():
+    g = torch.Generator().manual_seed(0)
+    truth = {"a": torch.randn(4, 3, generator=g, dtype=torch.float64), "b": torch.randn(4, 2, generator=g, dtype=torch.float64)}
+    result = {"a": truth["a"].float() * (1 + 1e-2), "b": truth["b"].float()}
+    rows = {r.name: r for r in compare(result, truth, torch.float32)}
+    assert not rows["a"].ok and rows["a"].rel_err == pytest.approx(1e-2, rel=1e-3)
+    assert rows["b"].ok and rows["b"].cosine == pytest.approx(1.0)
+
+
+def test_zero_gradients_use_the_floor():
+    truth = {"big": torch.ones(4, 10, dtype=torch.float64), "zero": torch.zeros(4, 3, dtype=torch.float64)}
+    noise = 0.1 * FLOOR_FRACTION * truth["big"].norm().item() * tolerance(torch.float32)
+    rows = {r.name: r for r in compare({"big": torch.ones(4, 10), "zero": torch.full((4, 3), noise / 4)}, truth, torch.float32)}
+    assert rows["zero"].ok
+
+
+def test_verify_reports_every_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).eval()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    report = psgrad.verify(model, CE, x, y, engines=["hooks", "vmap"], tasks=["grads", "norms", "clipped"])
+    assert report.ok and len(report.engines) == 6
+    assert {(e.task, e.engine) for e in report.engines} == {(t, e) for t in ("grads", "norms", "clipped") for e in ("hooks", "vmap")}
+    assert all(e.max_rel_err <= e.tolerance for e in report.engines)
+    d = report.to_dict()
+    assert d["ok"] and d["engines"][0]["params"][0]["name"] == "0.weight"
+
+
+def test_engine_that_cannot_run_is_reported_not_fatal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).eval()
+    report = psgrad.verify(model, CE, torch.randn(4, 5), torch.randint(0, 3, (4,)), engines=["hooks", "nope"])
+    status = {e.engine: e.status for e in report.engines}
+    assert status == {"hooks": "ok", "nope": "error"} and report.ok and not report.all_ran
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["verify", "--workload", "mlp", "--batch-size", "3", "--engines", "hooks,vmap", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["ok"] and data["workload"] == "mlp" and len(data["engines"]) == 2
+    # ExpandedWeights gives the padding row a gradient: a real disagreement, so exit 1
+    assert main(["verify", "--workload", "verify_workloads:padded_bag", "--batch-size", "3", "--engines", "hooks,expanded"]) == 1
+    text = capsys.readouterr().out
+    assert "DISAGREEMENT" in text and "emb.weight" in text
+    # an engine that errors fails the run only with --strict
+    args = ["verify", "--workload", "mlp", "--batch-size", "3", "--engines", "hooks,nope"]
+    assert main(args) == 0 and main([*args, "--strict"]) == 1
