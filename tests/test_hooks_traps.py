@@ -253,3 +253,19 @@ def test_autocast_is_a_clear_error():
     x, y = _xy()
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(psgrad.PsgradError, match="autocast"):
         psgrad.per_sample_grads(model, CE, x, y, engine="hooks")
+
+
+def test_stock_torchvision_resnet18_gn():
+    from psgrad import workloads
+
+    w = workloads.make("resnet18-gn", 3)
+    assert_engine_exact(w.model, w.loss_fn, w.inputs, w.targets, engine="hooks")
+
+
+def test_stock_torchvision_mobilenet_in_eval_mode():
+    """Depthwise convs, squeeze-excitation, in-place hardswish, BatchNorm with running statistics (eval)."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = models.mobilenet_v3_small(num_classes=5).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    assert_engine_exact(model, CE, x, y, engine="hooks")

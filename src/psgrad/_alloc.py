@@ -19,7 +19,7 @@ import torch
 
 _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
-_MIN_BYTES = 64 * _HUGE
+_MIN_BYTES = 2 * _HUGE
 
 
 @functools.cache
