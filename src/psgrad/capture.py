@@ -70,7 +70,8 @@ class Call:
     arg_leaves: list[int | None] = field(default_factory=list)  # leaf index of each positional arg
     window: tuple[int, int] = (0, 0)
     expanded: list[bool] = field(default_factory=list)
-    pending: int = 0
+    pending: int = 0  # output gradients still to arrive
+    reported: bool = False  # handed to on_ready
 
     @property
     def args(self) -> tuple:
@@ -336,6 +337,7 @@ class Capture:
             call.grads[j] = g.detach()
             call.pending -= 1
             if call.pending == 0 and self._on_ready is not None:
+                call.reported = True
                 try:
                     self._on_ready(unit, call)
                 except Exception as exc:  # re-raised after backward, outside autograd's thread
@@ -344,8 +346,8 @@ class Capture:
         return hook
 
     def backward(self, loss: Tensor, on_ready: Callable[[Unit, Call], None] | None = None) -> None:
-        """Backward of ``loss``; ``on_ready(unit, call)`` runs as soon as a call has all its gradients,
-        and after the backward for calls some of whose outputs received none."""
+        """Backward of ``loss``; ``on_ready(unit, call)`` runs once per call: as soon as the call has all
+        its output gradients, or after the backward for calls some of whose outputs received none."""
         self._check_parameter_uses(loss)
         self._on_ready = on_ready
         if self._edges:
@@ -355,8 +357,8 @@ class Capture:
             raise self._error
         for unit in self.units:
             for call in unit.calls:
-                if call.pending > 0 and on_ready is not None:
-                    call.pending = 0
+                if not call.reported and on_ready is not None:
+                    call.reported = True
                     on_ready(unit, call)
 
     def _check_parameter_uses(self, loss: Tensor) -> None:

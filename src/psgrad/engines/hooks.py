@@ -105,7 +105,8 @@ class HooksEngine(Engine):
         return {n: out[n] for n in params}, losses.detach()
 
     def _norms_and_caches(self, model, loss_fn, batch, params, registry, where, keep):
-        """Capture, then per unit: squared norms per result name and what its clipped sum needs."""
+        """Capture, then per unit, as soon as all its calls have their gradients: squared norms per result
+        name and (``keep``) what its clipped sum needs. The captured tensors are released right after."""
         units, capture = self._capture(model, batch, params, registry, where)
         owners: dict[str, int] = {}
         for unit in units:
@@ -114,34 +115,43 @@ class HooksEngine(Engine):
         sq: dict[str, Tensor] = {}
         shared: dict[str, Tensor] = {}  # parameters owned by several modules: summed per-sample gradients
         work: list[tuple[Unit, Any, list[Call], dict[str, str], Any]] = []
+        waiting: dict[int, int] = {}
+
+        def process(unit: Unit) -> None:
+            calls = [c for c in unit.calls if c.has_grads()]
+            by_rule: dict[int, tuple[Any, list[Call]]] = {}
+            for call in calls:
+                rule = _rule_for(unit, call)
+                by_rule.setdefault(id(rule), (rule, []))[1].append(call)
+            for rule, rule_calls in by_rule.values():
+                # a parameter owned by several modules, or split between rules, needs the cross terms of
+                # its uses: its per-sample gradient is materialized (summed) instead
+                single = {loc: glob for loc, glob in unit.names.items() if owners[glob] == 1 and len(by_rule) == 1}
+                multi = {loc: glob for loc, glob in unit.names.items() if loc not in single}
+                if single:
+                    norms, cache = rule.norm_sample(unit.module, rule_calls, list(single))
+                    for loc, value in norms.items():
+                        sq[single[loc]] = value
+                    if keep:
+                        work.append((unit, rule, rule_calls, single, cache))
+                if multi:
+                    for loc, g in materialize(rule, unit.module, rule_calls, list(multi)).items():
+                        glob = multi[loc]
+                        shared[glob] = shared[glob] + g if glob in shared else g
+            if not (keep and single):
+                for call in unit.calls:
+                    call.release()
+
+        def on_ready(unit: Unit, call: Call) -> None:
+            waiting[id(unit)] -= 1
+            if waiting[id(unit)] == 0:
+                process(unit)
+
         with capture:
             capture.probe(model, batch)
             losses = check_losses(loss_fn(capture.forward(model, batch), batch.targets), batch.size, where)
-            capture.backward(losses.sum(), None)
-            for unit in units:
-                calls = [c for c in unit.calls if c.has_grads()]
-                if not calls:
-                    continue
-                by_rule: dict[int, tuple[Any, list[Call]]] = {}
-                for call in calls:
-                    rule = _rule_for(unit, call)
-                    by_rule.setdefault(id(rule), (rule, []))[1].append(call)
-                for rule, rule_calls in by_rule.values():
-                    single = {loc: glob for loc, glob in unit.names.items() if owners[glob] == 1 and len(by_rule) == 1}
-                    multi = {loc: glob for loc, glob in unit.names.items() if loc not in single}
-                    if single:
-                        norms, cache = rule.norm_sample(unit.module, rule_calls, list(single))
-                        for loc, value in norms.items():
-                            sq[single[loc]] = value
-                        work.append((unit, rule, rule_calls, single, cache))
-                    if multi:
-                        grads = materialize(rule, unit.module, rule_calls, list(multi))
-                        for loc, g in grads.items():
-                            glob = multi[loc]
-                            shared[glob] = shared[glob] + g if glob in shared else g
-                if not keep:
-                    for call in calls:
-                        call.release()
+            waiting.update({id(u): len(u.calls) for u in units})
+            capture.backward(losses.sum(), on_ready)
         for glob, g in shared.items():
             sq[glob] = sq_norms(g)
         for name, p in params.items():

@@ -43,7 +43,7 @@ class Rule:
     def clipped_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
     ) -> dict[str, Tensor]:
-        """``sum_i c_i g_i`` for each parameter; ``cache`` is what :meth:`norm_sample` returned."""
+        """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned."""
         return {n: torch.tensordot(c.to(cache[n].dtype), cache[n], dims=([0], [0])) for n in names}
 
 
@@ -72,28 +72,30 @@ def put(dest: Tensor, value: Tensor, accumulate: bool) -> None:
         dest.copy_(value)
 
 
-def linear_form_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor | None]:
+def linear_form_norms(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | Tensor]:
     """Per-sample ``||b_i^T a_i||_F^2`` for ``a: [B, T, d]``, ``b: [B, T, p]``, the cheaper way, and a cache.
 
     T = 1: ``||a_i|| ||b_i||`` (Goodfellow 2015). Otherwise the ghost norm ``<a_i a_i^T, b_i b_i^T>``
     (Li et al. 2021) costs O(T^2 (p + d)) against O(T p d) for materializing ``b_i^T a_i``; following
     Bu et al. (2022) the ghost norm is used iff 2 T^2 <= p d. When materialized, the per-sample
-    gradients ``[B, p, d]`` are returned as the cache, so that the clipped sum is a weighted sum of them.
+    gradients ``[B, p, d]`` are returned as the cache, so that the clipped sum is a weighted sum of them
+    and ``a`` and ``b`` can be freed; otherwise the cache is ``(a, b)``.
     """
     t, d, p = a.shape[1], a.shape[2], b.shape[2]
     if t == 1:
-        return a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)), None
+        return a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)), (a, b)
     if 2 * t * t <= p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)), None
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)), (a, b)
     g = torch.bmm(b.transpose(1, 2), a)
     return g.pow(2).sum((1, 2)), g
 
 
-def linear_form_clipped(a: Tensor, b: Tensor, c: Tensor, cache: Tensor | None) -> Tensor:
-    """``sum_i c_i b_i^T a_i`` as ``[p, d]``: one ordinary weight-gradient product with scaled output
-    gradients (book-keeping, Bu et al. 2023), or a weighted sum of the cached per-sample gradients."""
-    c = c.to(a.dtype)
-    if cache is not None:
-        return torch.tensordot(c, cache, dims=([0], [0]))
-    bs = b * c.view(-1, 1, 1)
+def linear_form_clipped(c: Tensor, cache: tuple[Tensor, Tensor] | Tensor) -> Tensor:
+    """``sum_i c_i b_i^T a_i`` as ``[p, d]``, from the cache of :func:`linear_form_cache`: one ordinary
+    weight-gradient product with scaled output gradients (book-keeping, Bu et al. 2023), or a weighted sum
+    of the per-sample gradients where they were materialized."""
+    if isinstance(cache, Tensor):
+        return torch.tensordot(c.to(cache.dtype), cache, dims=([0], [0]))
+    a, b = cache
+    bs = b * c.to(b.dtype).view(-1, 1, 1)
     return bs.reshape(-1, b.shape[2]).t().mm(a.reshape(-1, a.shape[2]))

@@ -60,15 +60,14 @@ class LinearRule(Rule):
         if "bias" in names:
             cache["bias"] = b.sum(1)
             norms["bias"] = cache["bias"].pow(2).sum(1)
-        return norms, (a, b, cache)
+        return norms, cache
 
     def clipped_sum(
         self, module: nn.Linear, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
     ) -> dict[str, Tensor]:
-        a, b, parts = cache
         out = {}
         if "weight" in names:
-            out["weight"] = linear_form_clipped(a, b, c, parts["weight"])
+            out["weight"] = linear_form_clipped(c, cache["weight"])
         if "bias" in names:
-            out["bias"] = c.to(b.dtype) @ parts["bias"]
+            out["bias"] = c.to(cache["bias"].dtype) @ cache["bias"]
         return out
