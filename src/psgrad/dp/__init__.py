@@ -1,1 +1,25 @@
-"""DP-SGD: Poisson sampling, clipping, noise, accounting and a private trainer."""
+"""DP-SGD on psgrad's public API: Poisson sampling, clipped sums, Gaussian noise, accounting, checkpoints."""
+
+from .accounting import Accountant, dp_event, epsilon_for, noise_multiplier_for
+from .checkpoint import load_checkpoint, save_checkpoint
+from .noise import NoiseSource, SecureNoise, SeededNoise, secure_normal
+from .optimizer import DPSGD, StepRecord
+from .sampling import EmptySafeCollate, PoissonSampler, poisson_loader
+
+__all__ = [
+    "DPSGD",
+    "Accountant",
+    "EmptySafeCollate",
+    "NoiseSource",
+    "PoissonSampler",
+    "SecureNoise",
+    "SeededNoise",
+    "StepRecord",
+    "dp_event",
+    "epsilon_for",
+    "load_checkpoint",
+    "noise_multiplier_for",
+    "poisson_loader",
+    "save_checkpoint",
+    "secure_normal",
+]

@@ -1,0 +1,420 @@
+"""``psgrad train``: DP-SGD on scikit-learn's digits with a small GroupNorm convnet.
+
+The noise multiplier comes from the target epsilon, the Poisson sample rate q = batch size / N and the
+number of steps (epochs x round(1 / q)); every epoch prints the test loss, the test accuracy and the epsilon
+spent so far, accounted for the Poisson sampling actually used. ``--non-private`` trains the same model on
+the same batches without clipping or noise; ``--peer opacus`` trains it a second time with Opacus's
+PrivacyEngine doing the DP step (same batches, bounds, noise multiplier and accountant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from .._errors import MissingDependencyError, PsgradError
+from .accounting import METHODS, noise_multiplier_for
+from .checkpoint import load_checkpoint, save_checkpoint
+from .digits import Digits, convnet, evaluate, load_digits
+from .optimizer import CLIPPING, DPSGD
+from .sampling import PoissonSampler, poisson_loader
+
+EXAMPLES = """examples:
+  psgrad train                                   # DP-SGD, epsilon 8, delta 1e-5, the tuned defaults
+  psgrad train --epsilon 3 --accountant pld --json run.json --plot run.png
+  psgrad train --non-private                     # the same model and batches, no clipping, no noise
+  psgrad train --peer opacus                     # psgrad, then Opacus with identical settings
+  psgrad train --checkpoint run.pt               # save after every epoch; later: --resume run.pt
+"""
+
+# Settings a resumed run must share with the checkpointed one (anything else may differ).
+_RESUME_KEYS = ("epsilon", "noise_multiplier", "delta", "epochs", "batch_size", "max_norm", "clipping", "lr", "momentum",
+                "accountant", "secure_noise", "seed", "width")
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="psgrad train",
+        description="DP-SGD on scikit-learn's digits (8x8 images) with a GroupNorm convnet.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="target epsilon for the whole run; the noise multiplier is derived from it (default 8)")
+    p.add_argument("--noise-multiplier", type=float, default=None,
+                   help="use this noise multiplier instead of deriving one from --epsilon")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) (default 1e-5)")
+    p.add_argument("--epochs", type=_positive(int), default=40, help="passes of round(1/q) steps (default 40)")
+    p.add_argument("--batch-size", type=_positive(int), default=256,
+                   help="expected batch size; q = batch size / N (default 256)")
+    p.add_argument("--max-norm", type=float, default=1.0, help="clipping bound C (default 1.0)")
+    p.add_argument("--clipping", choices=CLIPPING, default="flat", help="clipping mode (default flat)")
+    p.add_argument("--lr", type=float, default=2.0, help="SGD learning rate (default 2.0)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    p.add_argument("--accountant", choices=METHODS, default="rdp", help="dp_accounting method (default rdp)")
+    p.add_argument("--secure-noise", action="store_true",
+                   help="draw the noise and the Poisson sampling from the OS's secure random source (not replayable)")
+    p.add_argument("--non-private", action="store_true", help="train without clipping or noise (epsilon = inf)")
+    p.add_argument("--peer", choices=("opacus",), default=None,
+                   help="also train with Opacus's PrivacyEngine, identical settings, for comparison")
+    p.add_argument("--engine", default="auto", help="psgrad engine for the clipped sums (default auto)")
+    p.add_argument("--physical-batch-size", type=_positive(int), default=None,
+                   help="split each logical batch into physical batches of at most this size")
+    p.add_argument("--seed", type=int, default=0, help="model, sampling and noise seed (default 0)")
+    p.add_argument("--width", type=_positive(int), default=16, help="convnet width (default 16)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="save the run here after every epoch")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write per-epoch records here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="PNG of test accuracy against epsilon spent")
+    return p
+
+
+@dataclass
+class Run:
+    """One training run's per-epoch records and totals."""
+
+    name: str
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.records[-1] if self.records else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "records": self.records, "seconds": self.seconds, "final": self.final}
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every bad setting, before any training."""
+    where = "psgrad train"
+    if not (0 < args.delta < 1):
+        raise PsgradError(f"{where}: --delta must be in (0, 1), got {args.delta}")
+    if args.epsilon is not None and args.noise_multiplier is not None:
+        raise PsgradError(f"{where}: give --epsilon (a target) or --noise-multiplier, not both")
+    if (args.epsilon is not None or args.noise_multiplier is not None) and args.non_private:
+        raise PsgradError(f"{where}: --non-private adds no noise; drop --epsilon/--noise-multiplier")
+    if args.epsilon is not None and not (args.epsilon > 0 and math.isfinite(args.epsilon)):
+        raise PsgradError(f"{where}: --epsilon must be a positive number, got {args.epsilon}")
+    if args.noise_multiplier is not None and not (args.noise_multiplier > 0 and math.isfinite(args.noise_multiplier)):
+        raise PsgradError(f"{where}: --noise-multiplier must be a positive number, got {args.noise_multiplier}")
+    if not args.non_private:
+        if not (args.max_norm > 0 and math.isfinite(args.max_norm)):
+            raise PsgradError(f"{where}: --max-norm must be positive, got {args.max_norm}")
+    if not (args.lr > 0):
+        raise PsgradError(f"{where}: --lr must be positive, got {args.lr}")
+    if not (0 <= args.momentum < 1):
+        raise PsgradError(f"{where}: --momentum must be in [0, 1), got {args.momentum}")
+    if args.non_private and args.peer:
+        raise PsgradError(f"{where}: --peer compares DP-SGD implementations; drop --non-private")
+    if args.peer == "opacus" and args.clipping != "flat":
+        raise PsgradError(f"{where}: --peer opacus compares flat clipping only (Opacus has no {args.clipping!r} "
+                          "mode with psgrad's groups); use --clipping flat")
+    if args.peer == "opacus" and args.physical_batch_size:
+        raise PsgradError(f"{where}: --peer opacus does not split batches; drop --physical-batch-size")
+    if (args.checkpoint or args.resume) and args.non_private:
+        raise PsgradError(f"{where}: --checkpoint/--resume save DP-SGD runs; drop --non-private")
+
+
+class _Reporter:
+    """A rich console and per-epoch progress bar; plain prints where rich is missing."""
+
+    def __init__(self) -> None:
+        try:
+            from rich.console import Console
+        except ImportError:  # pragma: no cover - exercised only without the extra
+            self.console = None
+        else:
+            self.console = Console(highlight=False)
+
+    def print(self, text: str) -> None:
+        if self.console is None:
+            print(text)
+        else:
+            self.console.print(text, markup=False, soft_wrap=True)
+
+    def progress(self):
+        if self.console is None:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=self.console, transient=True)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    eps = record["epsilon"]
+    eps_text = "inf" if eps == math.inf else f"{eps:.3f}"
+    clipped = record.get("clipped_fraction")
+    clip_text = "" if clipped is None else f"  clipped {100 * clipped:5.1f}%"
+    return (f"epoch {record['epoch']:3d}/{epochs}  test loss {record['test_loss']:.4f}  "
+            f"test acc {100 * record['test_accuracy']:6.2f}%  eps {eps_text}{clip_text}  "
+            f"{record['seconds']:6.1f} s")
+
+
+def _epochs(
+    name: str,
+    args: argparse.Namespace,
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    step: Callable[[Tensor, Tensor], tuple[int | None, int]],
+    epsilon: Callable[[], float],
+    data: Digits,
+    report: _Reporter,
+    run: Run,
+    start_epoch: int = 1,
+    after_epoch: Callable[[int], None] | None = None,
+) -> Run:
+    """Train epochs ``start_epoch..args.epochs``, one record per epoch, with a progress bar."""
+    start = time.perf_counter() - run.seconds
+    progress = report.progress()
+    if progress is not None:
+        progress.start()
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            task = None if progress is None else progress.add_task(f"{name} epoch {epoch}", total=len(loader))
+            examples = empty = 0
+            clipped: int | None = 0
+            for xb, yb in loader:
+                c, n = step(xb, yb)
+                clipped = None if c is None or clipped is None else clipped + c
+                examples, empty = examples + n, empty + (n == 0)
+                if progress is not None:
+                    progress.advance(task)
+            if progress is not None:
+                progress.remove_task(task)
+            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            run.seconds = time.perf_counter() - start
+            record = {"epoch": epoch, "steps": epoch * len(loader), "test_loss": test_loss, "test_accuracy": test_acc,
+                      "epsilon": epsilon(), "examples": examples, "empty_batches": empty, "seconds": run.seconds}
+            if clipped is not None:
+                record["clipped_fraction"] = clipped / examples if examples else math.nan
+            run.records.append(record)
+            report.print(f"{name:>11}  " + _epoch_line(record, args.epochs))
+            if after_epoch is not None:
+                after_epoch(epoch)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return run
+
+
+def _model(args: argparse.Namespace) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(args.seed)
+    model = convnet(args.width)
+    return model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+
+def _loader(args: argparse.Namespace, data: Digits, q: float) -> torch.utils.data.DataLoader:
+    dataset = TensorDataset(data.x_train, data.y_train)
+    if args.secure_noise:
+        return poisson_loader(dataset, q, secure=True)
+    return poisson_loader(dataset, q, seed=args.seed)
+
+
+CE_SUM = nn.CrossEntropyLoss(reduction="none")
+DEFAULT_EPSILON = 8.0
+
+
+def run_psgrad(args: argparse.Namespace, data: Digits, q: float, sigma: float, report: _Reporter) -> Run:
+    model, opt = _model(args)
+    loader = _loader(args, data, q)
+    n = len(data.y_train)
+    noise = {"secure": True} if args.secure_noise else {"seed": args.seed + 1}
+    dp = DPSGD(model, CE_SUM, opt, noise_multiplier=sigma, max_norm=args.max_norm, sample_rate=q, dataset_size=n,
+               clipping=args.clipping, accountant=args.accountant, engine=args.engine, **noise)
+    sampler: PoissonSampler = loader.batch_sampler  # type: ignore[assignment]
+    run, start_epoch = Run("psgrad"), 1
+    config = {k: getattr(args, k) for k in _RESUME_KEYS}
+    if args.resume:
+        extra = load_checkpoint(args.resume, model=model, optimizer=dp, sampler=sampler)
+        saved = extra.get("config", {})
+        differ = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
+        if differ:
+            raise PsgradError(f"psgrad train --resume: the checkpoint was made with other settings "
+                              f"(saved, now): {differ}; repeat the original options")
+        run.records, run.seconds = list(extra["records"]), float(extra["seconds"])
+        start_epoch = int(extra["epoch"]) + 1
+        for r in run.records:
+            report.print(f"{'(resumed)':>11}  " + _epoch_line(r, args.epochs))
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
+        record = dp.train_step(xb, yb, physical_batch_size=args.physical_batch_size)
+        return record.clipped, record.examples
+
+    def after_epoch(epoch: int) -> None:
+        if args.checkpoint:
+            save_checkpoint(args.checkpoint, model=model, optimizer=dp, sampler=sampler,
+                            extra={"epoch": epoch, "config": config, "records": run.records, "seconds": run.seconds})
+
+    return _epochs("psgrad", args, model, loader, step, lambda: dp.epsilon(args.delta), data, report, run,
+                   start_epoch, after_epoch)
+
+
+def run_nonprivate(args: argparse.Namespace, data: Digits, q: float, report: _Reporter) -> Run:
+    model, opt = _model(args)
+    loader = _loader(args, data, q)
+    expected = q * len(data.y_train)
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
+        opt.zero_grad(set_to_none=False)
+        if len(yb):  # the same scaling as DP-SGD: sum over the batch / expected batch size
+            (nn.functional.cross_entropy(model(xb), yb, reduction="sum") / expected).backward()
+        opt.step()
+        return None, len(yb)
+
+    return _epochs("non-private", args, model, loader, step, lambda: math.inf, data, report, Run("non-private"))
+
+
+def run_opacus(args: argparse.Namespace, data: Digits, q: float, sigma: float, report: _Reporter) -> Run:
+    """The same model, batches, bound, noise multiplier and accountant, with Opacus doing the DP step."""
+    import warnings
+
+    try:
+        from opacus import PrivacyEngine
+    except ImportError as exc:
+        raise MissingDependencyError("psgrad train --peer opacus needs Opacus; install it with: "
+                                     "pip install 'psgrad[peers]'") from exc
+    from .accounting import Accountant
+
+    model, opt = _model(args)
+    loader = _loader(args, data, q)
+    generator = None if args.secure_noise else torch.Generator().manual_seed(args.seed + 1)
+    engine = PrivacyEngine(secure_mode=args.secure_noise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure mode and its own accountant's defaults
+        wrapped, dp_opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_norm,
+            poisson_sampling=False,  # the loader already samples (our PoissonSampler, same seed as psgrad's run)
+            noise_generator=generator,
+        )
+    # make_private assumes sample rate 1 / len(loader) and truncates the expected batch size to an int; the
+    # loader's real rate is q, so average by q * N exactly as psgrad does and account q with the same accountant.
+    dp_opt.expected_batch_size = q * len(data.y_train)
+    accountant = Accountant(args.accountant)
+
+    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
+        dp_opt.zero_grad()
+        nn.functional.cross_entropy(wrapped(xb), yb).backward()
+        dp_opt.step()
+        accountant.step(q, sigma)
+        return None, len(yb)
+
+    return _epochs("opacus", args, model, loader, step, lambda: accountant.epsilon(args.delta), data, report,
+                   Run("opacus"))
+
+
+def _plot(path: str, runs: list[Run], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for run in runs:
+        acc = [100 * r["test_accuracy"] for r in run.records]
+        eps = [r["epsilon"] for r in run.records]
+        if all(math.isfinite(e) for e in eps):
+            ax.plot(eps, acc, marker="o", markersize=3, label=f"{run.name} ({run.seconds:.0f} s)")
+        else:
+            ax.axhline(acc[-1], linestyle="--", color="gray", label=f"{run.name}, final ({run.seconds:.0f} s)")
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``psgrad train`` with these arguments; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    report = _Reporter()
+    try:
+        _check(args)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        data = load_digits()
+        n = len(data.y_train)
+        q = min(1.0, args.batch_size / n)
+        steps_per_epoch = max(1, round(1 / q))
+        total = steps_per_epoch * args.epochs
+        params = sum(p.numel() for p in convnet(args.width).parameters())
+        report.print(f"psgrad train: digits ({n} train / {len(data.y_test)} test), convnet with {params:,} "
+                     f"parameters, q = {q:.4f} (expected batch {q * n:.0f}), {steps_per_epoch} steps/epoch x "
+                     f"{args.epochs} epochs = {total} steps")
+        sigma = None
+        if args.noise_multiplier is not None:
+            sigma = args.noise_multiplier
+            source = f"noise multiplier {sigma:g} (given), {args.accountant} accountant at delta {args.delta:g}"
+        elif not args.non_private:
+            target = DEFAULT_EPSILON if args.epsilon is None else args.epsilon
+            sigma = noise_multiplier_for(target, sample_rate=q, steps=total, delta=args.delta, method=args.accountant)
+            source = (f"target eps {target:g} at delta {args.delta:g} ({args.accountant}) -> noise multiplier "
+                      f"{sigma:.4f}")
+        if sigma is not None:
+            report.print(f"DP-SGD: {source}; max norm {args.max_norm:g} ({args.clipping}), lr {args.lr:g}, "
+                         f"momentum {args.momentum:g}, {'secure' if args.secure_noise else 'seeded'} noise")
+        runs: list[Run] = []
+        if args.non_private:
+            runs.append(run_nonprivate(args, data, q, report))
+        else:
+            runs.append(run_psgrad(args, data, q, sigma, report))
+            if args.peer == "opacus":
+                runs.append(run_opacus(args, data, q, sigma, report))
+    except (PsgradError, MissingDependencyError) as exc:
+        report.print(f"error: {exc}")
+        return 2
+    for run in runs:
+        f = run.final
+        eps = "inf" if f["epsilon"] == math.inf else f"{f['epsilon']:.3f}"
+        report.print(f"final {run.name:>11}: test accuracy {100 * f['test_accuracy']:.2f}% at eps {eps} "
+                     f"(delta {args.delta:g}) after {f['steps']} steps, {run.seconds:.1f} s")
+    if args.json_path:
+        doc = {
+            "command": "psgrad train",
+            "settings": {**vars(args), "sample_rate": q, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                         "noise_multiplier": sigma, "train_size": n, "test_size": len(data.y_test)},
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "runs": [r.to_dict() for r in runs],
+        }
+        with open(args.json_path, "w") as f:
+            json.dump(_finite(doc), f, indent=2, allow_nan=False)
+    if args.plot:
+        title = f"digits, noise multiplier {sigma:.3g}, delta {args.delta:g}" if sigma else "digits, non-private"
+        _plot(args.plot, runs, title)
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON has no inf or NaN: write them as the strings "inf", "-inf" and "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,148 @@
+"""Sources of standard Gaussian noise for DP-SGD: a seeded generator, or the OS's secure random source.
+
+:class:`SeededNoise` draws ``torch.randn`` from its own ``torch.Generator``: reproducible, and its state is
+saved in checkpoints, so a resumed run adds exactly the noise an uninterrupted one would. Use it for
+experiments. Its generator is not cryptographically secure: whoever learns the seed (or enough outputs)
+can subtract the noise.
+
+:class:`SecureNoise` takes its randomness from ``os.urandom`` (the kernel's CSPRNG: ``getrandom(2)`` on
+Linux). NOTE [secure Gaussian sampling]: 8 random bytes give a 64-bit integer, of which 53 bits give a
+float64 uniform ``k * 2**-53``; the Box-Muller transform maps two uniforms u1 in (0, 1] and u2 in [0, 1) to
+two independent standard normals ``sqrt(-2 ln u1) * (cos 2 pi u2, sin 2 pi u2)``, computed in float64 and
+then rounded to the parameter's dtype. This makes the noise unpredictable; it does not make its
+floating-point representation exactly Gaussian, and floating-point attacks on DP samplers (which exploit
+the gaps between representable values) are not ruled out by it. Nothing of it can be replayed, so a run
+with secure noise resumes correctly (new noise) but not bitwise identically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .._errors import PsgradError
+
+_MANTISSA = (1 << 53) - 1
+_CHUNK = 1 << 20  # normals per os.urandom call: bounds the float64 temporaries at a few MB
+
+
+class NoiseSource(Protocol):
+    """What :class:`~psgrad.dp.DPSGD` asks of a noise source."""
+
+    def standard_normal(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class SeededNoise:
+    """Standard normal noise from a seeded ``torch.Generator``: reproducible and resumable.
+
+    Noise for a parameter of shape ``s`` is ``torch.randn(s, generator=g, dtype=dtype)`` drawn on the
+    generator's device, then moved to the parameter's device; :class:`~psgrad.dp.DPSGD` draws the
+    parameters in ``model.named_parameters()`` order.
+
+    Args:
+        seed (int, optional): the generator's seed. Default: a seed drawn from the OS (not reproducible).
+        device (str | torch.device): the generator's device. Default: ``"cpu"``, which gives the same noise
+            whatever device the model is on.
+
+    Example::
+
+        >>> noise = SeededNoise(seed=0)
+        >>> noise.standard_normal((3, 4), torch.float32, torch.device("cpu")).shape  # [3, 4]
+        torch.Size([3, 4])
+    """
+
+    secure = False
+
+    def __init__(self, seed: int | None = None, device: str | torch.device = "cpu") -> None:
+        self.generator = torch.Generator(device=device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+
+    def standard_normal(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        z = torch.randn(tuple(shape), generator=self.generator, dtype=dtype, device=self.generator.device)
+        return z.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "seeded", "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kind") != "seeded":
+            raise PsgradError(
+                f"SeededNoise.load_state_dict: the checkpoint holds {state.get('kind')!r} noise, not 'seeded'; "
+                "resume with the same noise source"
+            )
+        self.generator.set_state(state["generator"])
+
+
+class SecureNoise:
+    """Standard normal noise from ``os.urandom`` through Box-Muller in float64 (see the module notes).
+
+    Example::
+
+        >>> z = SecureNoise().standard_normal((1000,), torch.float32, torch.device("cpu"))  # [1000]
+    """
+
+    secure = True
+
+    def standard_normal(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        n = math.prod(shape)
+        out = torch.empty(n, dtype=dtype)
+        for start in range(0, n, _CHUNK):
+            stop = min(n, start + _CHUNK)
+            out[start:stop] = secure_normal(stop - start)
+        return out.view(tuple(shape)).to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "secure"}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kind") != "secure":
+            raise PsgradError(
+                f"SecureNoise.load_state_dict: the checkpoint holds {state.get('kind')!r} noise, not 'secure'; "
+                "resume with the same noise source"
+            )
+
+
+def _secure_bits(n: int) -> Tensor:
+    """``n`` integers uniform on [0, 2**53) from the OS's secure source, as int64."""
+    raw = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+    return raw & _MANTISSA
+
+
+def secure_uniform(n: int) -> Tensor:
+    """``n`` float64 uniforms on [0, 1), multiples of 2**-53, from ``os.urandom``."""
+    return _secure_bits(n).to(torch.float64).mul_(2.0**-53)
+
+
+def secure_normal(n: int) -> Tensor:
+    """``n`` float64 standard normals from ``os.urandom`` by the Box-Muller transform.
+
+    Args:
+        n (int): how many.
+
+    Returns:
+        ``Tensor[n]`` in float64.
+
+    Example::
+
+        >>> secure_normal(4).shape  # [4]
+        torch.Size([4])
+    """
+    pairs = (n + 1) // 2
+    bits = _secure_bits(2 * pairs).to(torch.float64)
+    u1 = (bits[:pairs] + 1.0).mul_(2.0**-53)  # (0, 1]: log(u1) is finite
+    u2 = bits[pairs:].mul_(2.0**-53)  # [0, 1)
+    radius = u1.log_().mul_(-2.0).sqrt_()
+    angle = u2.mul_(2.0 * math.pi)
+    return torch.cat([radius * angle.cos(), radius * angle.sin()])[:n]

@@ -1,0 +1,328 @@
+"""DP-SGD around any torch optimizer: clipped sums from psgrad, Gaussian noise, accounting.
+
+One logical step (:meth:`DPSGD.step`) writes, into every trainable parameter's ``.grad``,
+
+    (sum over the logical batch of c_i g_i  +  N(0, (sigma * C)^2 I)) / (q * N)
+
+and then calls the wrapped optimizer's ``step``. ``c_i g_i`` are the clipped per-sample gradients from
+:func:`psgrad.clipped_grad_sum` (flat, per-layer or automatic clipping), C the clipping bound (for per-layer
+bounds ``{group: C_k}``, C = sqrt(sum C_k^2), the bound on the whole clipped gradient), sigma the noise
+multiplier, and q * N the *expected* batch size: dividing by the actual batch size would make the update
+depend on it and leak it. The logical batch is what the Poisson sampler drew; it may be fed in several
+physical batches (:meth:`DPSGD.accumulate`), whose clipped sums add up before the noise is added once.
+An empty logical batch still takes a noise-only step, and every step is accounted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import psgrad
+
+from .._errors import PsgradError
+from ..api import parameter_groups
+from .accounting import Accountant, check_method, check_noise_multiplier
+from .noise import NoiseSource, SecureNoise, SeededNoise
+from .sampling import check_sample_rate
+
+CLIPPING = ("flat", "per_layer", "automatic")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one logical DP-SGD step saw: its size and how many of its examples were clipped.
+
+    ``clipped`` counts examples whose clipping factor was below 1: ``||g_i|| > C`` for flat clipping,
+    ``||g_i|| + gamma > C`` for automatic clipping. For per-layer clipping it counts examples whose whole
+    norm exceeds the overall bound sqrt(sum C_k^2); each of them was clipped in at least one group, but an
+    example can also be clipped in one group while under the overall bound, so it is a lower bound.
+    """
+
+    step: int
+    examples: int
+    clipped: int
+    noise_std: float
+
+    @property
+    def clipped_fraction(self) -> float:
+        """``clipped / examples``; NaN for an empty batch."""
+        return self.clipped / self.examples if self.examples else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "clipped_fraction": self.clipped_fraction}
+
+
+class DPSGD:
+    """Differentially private SGD steps for any torch optimizer, built on :func:`psgrad.clipped_grad_sum`.
+
+    Each logical step clips every example's gradient, sums, adds Gaussian noise of std
+    ``noise_multiplier * C`` once, divides by the expected batch size ``sample_rate * dataset_size``,
+    writes the result to each trainable parameter's ``.grad`` (replacing what was there) and calls
+    ``optimizer.step()``; the accountant then counts the step. Do not call ``loss.backward()`` yourself.
+
+    Args:
+        model (nn.Module): the model; its trainable parameters are the ones privatized.
+        loss_fn (Callable): per-sample losses ``loss_fn(outputs, targets) -> [B]``, e.g.
+            ``nn.CrossEntropyLoss(reduction="none")``.
+        optimizer (torch.optim.Optimizer): updates the parameters from their ``.grad``; it must hold only
+            trainable parameters of ``model``, and every trainable parameter gets noise.
+        noise_multiplier (float): sigma > 0 (see :func:`~psgrad.dp.noise_multiplier_for`).
+        max_norm (float | dict): the clipping bound C > 0; with ``clipping="per_layer"`` also a dict
+            ``{group: bound}`` (groups are the names of the modules owning parameters).
+        sample_rate (float): the Poisson inclusion probability q in (0, 1].
+        dataset_size (int): N; the expected batch size is q * N.
+        clipping (str): ``"flat"``, ``"per_layer"`` or ``"automatic"``, as in :func:`psgrad.clipped_grad_sum`.
+            Default: ``"flat"``.
+        gamma (float): stabiliser of automatic clipping. Default: 0.01.
+        noise (NoiseSource, optional): default: :class:`~psgrad.dp.SeededNoise` with ``seed``, or
+            :class:`~psgrad.dp.SecureNoise` with ``secure=True``.
+        seed (int, optional): seed of the default noise generator. Default: drawn from the OS.
+        secure (bool): use :class:`~psgrad.dp.SecureNoise`. Default: False.
+        accountant (str | Accountant): ``"rdp"``, ``"pld"`` or an :class:`~psgrad.dp.Accountant` to continue.
+            Default: ``"rdp"``.
+        engine (str): psgrad engine for the clipped sums. Default: ``"auto"``.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> dp = DPSGD(model, nn.CrossEntropyLoss(reduction="none"), opt, noise_multiplier=1.0,
+        ...            max_norm=1.0, sample_rate=0.1, dataset_size=80, seed=0)
+        >>> record = dp.train_step(torch.randn(9, 4), torch.randint(0, 2, (9,)))  # one logical step
+        >>> dp.epsilon(1e-5)                                                       # privacy spent so far
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Any, Tensor | None], Tensor],
+        optimizer: torch.optim.Optimizer,
+        *,
+        noise_multiplier: float,
+        max_norm: float | Mapping[str, float],
+        sample_rate: float,
+        dataset_size: int,
+        clipping: str = "flat",
+        gamma: float = 0.01,
+        noise: NoiseSource | None = None,
+        seed: int | None = None,
+        secure: bool = False,
+        accountant: str | Accountant = "rdp",
+        engine: str = "auto",
+    ) -> None:
+        where = "DPSGD"
+        if not isinstance(model, nn.Module):
+            raise PsgradError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise PsgradError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.noise_multiplier = check_noise_multiplier(noise_multiplier, where)
+        self.sample_rate = check_sample_rate(sample_rate, where)
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size <= 0:
+            raise PsgradError(f"{where}: dataset_size must be a positive int (N), got {dataset_size!r}")
+        self.dataset_size = dataset_size
+        self.expected_batch_size = self.sample_rate * dataset_size
+        if clipping not in CLIPPING:
+            raise PsgradError(f"{where}: unknown clipping {clipping!r}; valid: {', '.join(CLIPPING)}")
+        self.clipping, self.gamma, self.engine = clipping, gamma, engine
+        if clipping == "automatic" and not (isinstance(gamma, (int, float)) and gamma > 0):
+            raise PsgradError(f"{where}: gamma must be positive for automatic clipping, got {gamma!r}")
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise PsgradError(f"{where}: the model has no trainable parameters")
+        self.max_norm = _check_max_norm(max_norm, clipping, self.params, model, where)
+        self.bound = _overall_bound(self.max_norm)
+        self.noise_std = self.noise_multiplier * self.bound
+        _check_optimizer(optimizer, self.params, where)
+        if noise is not None and (seed is not None or secure):
+            raise PsgradError(f"{where}: pass noise, or seed/secure, not both")
+        if secure and seed is not None:
+            raise PsgradError(f"{where}: secure noise cannot be seeded; drop seed or secure")
+        self.noise: NoiseSource = noise or (SecureNoise() if secure else SeededNoise(seed))
+        if isinstance(accountant, Accountant):
+            self.accountant = accountant
+        else:
+            self.accountant = Accountant(check_method(accountant, where))
+        self.steps = 0
+        self.records: list[StepRecord] = []
+        self._sums: dict[str, Tensor] = {}
+        self._examples = 0
+        self._clipped = 0
+        self._physical = 0
+
+    # -- one logical step ------------------------------------------------------------------------------
+    def accumulate(self, inputs: Any, targets: Tensor | None) -> int:
+        """Add one physical batch's clipped gradient sum to the current logical batch.
+
+        Args:
+            inputs (Tensor | tuple | dict): model inputs with batch dimension 0; size 0 is allowed.
+            targets (Tensor, optional): targets with batch dimension 0.
+
+        Returns:
+            int: the number of examples of this physical batch that were clipped.
+        """
+        size = _batch_size(inputs)
+        self._physical += 1
+        if size == 0:
+            return 0
+        sums, norms = psgrad.clipped_grad_sum(
+            self.model, self.loss_fn, inputs, targets, self.max_norm, engine=self.engine,
+            params=list(self.params), clipping=self.clipping, gamma=self.gamma, return_norms=True,
+        )
+        for name, s in sums.items():
+            self._sums[name] = self._sums[name] + s if name in self._sums else s
+        if self.clipping == "automatic":
+            clipped = int((norms + self.gamma > self.bound).sum())
+        else:
+            clipped = int((norms > self.bound).sum())
+        self._examples += size
+        self._clipped += clipped
+        return clipped
+
+    @torch.no_grad()
+    def step(self) -> StepRecord:
+        """Noise, average by the expected batch size, write ``.grad``, step the optimizer, account.
+
+        Ends the logical batch started by :meth:`accumulate` (with no call at all, the batch is empty and
+        the step is noise only).
+
+        Returns:
+            StepRecord: the step's number, size and clipped count.
+        """
+        for name, p in self.params.items():
+            z = self.noise.standard_normal(p.shape, p.dtype, p.device)
+            total = z.mul_(self.noise_std)
+            if name in self._sums:
+                total = total.add_(self._sums[name].to(p.dtype))
+            p.grad = total.div_(self.expected_batch_size)
+        self.optimizer.step()
+        self.accountant.step(self.sample_rate, self.noise_multiplier)
+        self.steps += 1
+        record = StepRecord(self.steps, self._examples, self._clipped, self.noise_std)
+        self.records.append(record)
+        self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
+        return record
+
+    def train_step(self, inputs: Any, targets: Tensor | None, *, physical_batch_size: int | None = None) -> StepRecord:
+        """One logical step on a Poisson-sampled batch, fed in physical batches of at most this size.
+
+        Args:
+            inputs, targets: the whole logical batch (batch dimension 0, possibly of size 0).
+            physical_batch_size (int, optional): split the batch into chunks of at most this many
+                examples (bounds the memory); the result equals one step on the whole batch. Default: no split.
+
+        Returns:
+            StepRecord: as from :meth:`step`.
+        """
+        size = _batch_size(inputs)
+        if physical_batch_size is None or size <= physical_batch_size:
+            self.accumulate(inputs, targets)
+        else:
+            if isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size <= 0:
+                raise PsgradError(f"DPSGD.train_step: physical_batch_size must be a positive int, got {physical_batch_size!r}")
+            for start in range(0, size, physical_batch_size):
+                part = slice(start, start + physical_batch_size)
+                self.accumulate(_take(inputs, part), None if targets is None else targets[part])
+        return self.step()
+
+    # -- privacy and state -----------------------------------------------------------------------------
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at this delta, from the accountant."""
+        return self.accountant.epsilon(delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer, the accountant's history, the noise generator and the step count.
+
+        Saved between logical steps only: a half-accumulated logical batch is an error.
+        """
+        if self._physical:
+            raise PsgradError("DPSGD.state_dict: a logical batch is half accumulated; call step() before saving")
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "accountant": self.accountant.state_dict(),
+            "noise": self.noise.state_dict(),
+            "steps": self.steps,
+            "records": [asdict(r) for r in self.records],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise.load_state_dict(state["noise"])
+        self.steps = int(state["steps"])
+        self.records = [StepRecord(**r) for r in state["records"]]
+        self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------
+def _check_max_norm(max_norm: Any, clipping: str, params: Mapping[str, Tensor], model: nn.Module, where: str):
+    def positive(value: Any) -> bool:
+        return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+                and value > 0)
+
+    if isinstance(max_norm, Mapping):
+        if clipping != "per_layer":
+            raise PsgradError(f"{where}: a dict of bounds needs clipping='per_layer'")
+        groups = sorted(set(parameter_groups(model, params).values()))
+        missing = [g for g in groups if g not in max_norm]
+        unknown = [g for g in max_norm if g not in groups]
+        if missing or unknown:
+            raise PsgradError(f"{where}: per_layer bounds must name every group exactly; missing {missing}, "
+                              f"unknown {unknown}; the groups are {groups}")
+        bad = {g: v for g, v in max_norm.items() if not positive(v)}
+        if bad:
+            raise PsgradError(f"{where}: max_norm bounds must be positive finite numbers, got {bad}")
+        return {g: float(v) for g, v in max_norm.items()}
+    if not positive(max_norm):
+        raise PsgradError(f"{where}: max_norm must be a positive finite number (the clipping bound C), got {max_norm!r}")
+    return float(max_norm)
+
+
+def _overall_bound(max_norm: float | Mapping[str, float]) -> float:
+    """The bound on the norm of a whole clipped gradient: C, or sqrt(sum C_k^2) for per-layer bounds."""
+    if isinstance(max_norm, Mapping):
+        return math.sqrt(sum(v * v for v in max_norm.values()))
+    return float(max_norm)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], where: str) -> None:
+    mine = {id(p) for p in params.values()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(1 for p in held if id(p) not in mine)
+    if foreign:
+        raise PsgradError(f"{where}: the optimizer holds {foreign} tensor(s) that are not trainable parameters of the "
+                          "model; build it from model.parameters()")
+    missing = [n for n, p in params.items() if id(p) not in {id(q) for q in held}]
+    if missing:
+        raise PsgradError(f"{where}: trainable parameters {missing} are not in the optimizer; they would get no "
+                          "update, or set requires_grad=False on them")
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 0
+    if isinstance(inputs, Mapping):
+        values = list(inputs.values())
+    elif isinstance(inputs, (tuple, list)):
+        values = list(inputs)
+    else:
+        raise PsgradError(f"DPSGD: inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
+    for v in values:
+        if isinstance(v, Tensor) and v.dim():
+            return int(v.shape[0])
+    raise PsgradError("DPSGD: inputs hold no tensor with a batch dimension")
+
+
+def _take(inputs: Any, part: slice) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs[part]
+    if isinstance(inputs, Mapping):
+        return {k: _take(v, part) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+    return tuple(_take(v, part) if isinstance(v, Tensor) else v for v in inputs)
