@@ -13,16 +13,26 @@ import torch
 
 from .._errors import PsgradError
 from .base import Workload
-from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop
+from .sequence import gpt2_tiny, lstm_text, transformer
+from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop, vit_tiny, wrn16_4_gn
 
 Factory = Callable[[int, torch.device], Workload]
 
 WORKLOADS: dict[str, Factory] = {
     "resnet18-gn": resnet18_gn,
     "resnet18-gn-oop": resnet18_gn_oop,
+    "wrn16-4-gn": wrn16_4_gn,
     "cnn": cnn,
     "mlp": mlp,
+    "vit-tiny": vit_tiny,
+    "lstm-text": lstm_text,
+    "transformer": transformer,
+    "gpt2-tiny": gpt2_tiny,
 }
+
+#: out-of-place twins: the same model, weights and numbers without in-place ops (which Opacus's module
+#: hooks cannot run); benchmarks time Opacus on the twin as well
+OUT_OF_PLACE: dict[str, str] = {"resnet18-gn": "resnet18-gn-oop"}
 
 
 def make(name: str, batch_size: int, device: str | torch.device = "cpu") -> Workload:
@@ -45,4 +55,4 @@ def resolve(name: str) -> Factory:
     raise PsgradError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)} or package.module:function")
 
 
-__all__ = ["WORKLOADS", "Workload", "make", "resolve"]
+__all__ = ["OUT_OF_PLACE", "WORKLOADS", "Workload", "make", "resolve"]
