@@ -1,1 +1,308 @@
-"""Rules for the attention layer family (registered into DEFAULT on import)."""
+"""Rules for the attention layer family (registered into DEFAULT on import).
+
+nn.MultiheadAttention is handled by a hand-written rule: from the captured query, key and value and the
+gradient of the attention output it recomputes the projections and the attention probabilities for the
+whole batch at once, differentiates the attention by hand, and forms every per-sample parameter gradient
+as ``b_i^T a_i`` products (as for nn.Linear). Its cost is one batched forward of the layer plus one batched
+backward of the attention core, about what the layer itself costs in the model's own backward; no
+per-example work and no torch.func. Configurations it does not reproduce exactly are sent to the generic
+rule through :meth:`MultiheadAttentionRule.check` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._pytree import tree_unflatten
+
+from ..capture import Call
+from .base import Rule, linear_form_clipped, linear_form_norms, put
+from .registry import DEFAULT
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+@dataclass
+class _Pieces:
+    """One call of the layer, batch first: linear forms ``(a, b)`` and bias gradients, per parameter.
+
+    ``forms[name]`` lists ``(row offset, a [B, T, d], b [B, T, p])``: the per-sample gradient of rows
+    ``offset : offset + p`` of the parameter is ``b_i^T a_i``. ``sums[name]`` lists ``(offset, s [B, p])``:
+    entries ``offset : offset + p`` of a bias vector. ``extra`` holds per-sample gradients of bias_k, bias_v.
+    """
+
+    forms: dict[str, list[tuple[int, Tensor, Tensor]]] = field(default_factory=dict)
+    sums: dict[str, list[tuple[int, Tensor]]] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _bound(call: Call) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The call's arguments by name, and the captured batch dimension of each (None for non-tensors)."""
+    args, kwargs = tree_unflatten(call.checked_leaves(), call.spec)
+    dims_args, dims_kwargs = tree_unflatten(call.in_bdims, call.spec)
+    values = _MHA_SIGNATURE.bind(call.module, *args, **kwargs)
+    dims = _MHA_SIGNATURE.bind(call.module, *dims_args, **dims_kwargs)
+    values.apply_defaults()
+    return dict(values.arguments), dict(dims.arguments)
+
+
+def _additive_mask(
+    module: nn.MultiheadAttention, bound: Mapping[str, Any], bsz: int, tgt: int, src: int, dtype: torch.dtype
+) -> Tensor | None:
+    """The mask added to the scores ``[B|1, H|1, L, S']``, ``S'`` counting bias_k and the zero key.
+
+    As in ``F.multi_head_attention_forward``: boolean masks become ``-inf`` where True; ``attn_mask`` is
+    ``[L, S]`` or ``[B * H, L, S]`` (index ``b * H + h``), ``key_padding_mask`` is ``[B, S]``; each gets a
+    zero column per appended key. With ``is_causal`` and neither ``key_padding_mask`` nor ``need_weights``,
+    the layer ignores ``attn_mask`` and uses the top-left causal mask over all ``S'`` keys instead.
+    """
+    heads = module.num_heads
+    extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+    kpm, attn_mask = bound["key_padding_mask"], bound["attn_mask"]
+    if bound["is_causal"] and kpm is None and not bound["need_weights"]:
+        allowed = torch.ones(tgt, src + extra, dtype=torch.bool, device=attn_mask.device).tril()
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, -math.inf)
+
+    def canonical(mask: Tensor) -> Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+        return mask.to(dtype)
+
+    total = None
+    if attn_mask is not None:
+        m = canonical(attn_mask)
+        m = m.view(1, 1, tgt, src) if m.dim() == 2 else m.view(bsz, heads, tgt, src)
+        total = F.pad(m, (0, extra)) if extra else m
+    if kpm is not None:
+        k = canonical(kpm).view(bsz, 1, 1, src)
+        k = F.pad(k, (0, extra)) if extra else k
+        total = k if total is None else total + k
+    return total
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    """``[B, T, E] -> [B, H, T, E / H]``."""
+    b, n, e = t.shape
+    return t.view(b, n, heads, e // heads).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    """``[B, H, T, d] -> [B, T, H * d]``."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _pieces(module: nn.MultiheadAttention, call: Call) -> _Pieces:
+    """Recompute the layer for the whole batch and differentiate it by hand.
+
+    Shapes, batch first: query ``x_q [B, L, E]``, key ``x_k [B, S, kdim]``, value ``x_v [B, S, vdim]``;
+    ``q = x_q W_q^T + b_q``, ``k = x_k W_k^T + b_k``, ``v = x_v W_v^T + b_v`` (``[B, L|S, E]``), then
+    bias_k/bias_v appended as one more key/value, per head ``[B, H, ., d]`` with ``d = E / H``, then (with
+    add_zero_attn) a zero key/value. With ``s = 1 / sqrt(d)`` and the additive mask ``M``::
+
+        P = softmax(s q k^T + M)      [B, H, L, S']      O = P v -> merged [B, L, E]
+        y = O W_o^T + b_o             [B, L, E]
+
+    Given ``G = dL/dy`` (and ``G_w``, the gradient of the returned weights, if any)::
+
+        dO = G W_o     dP = dO v^T (+ G_w, or G_w / H per head when the weights are averaged)
+        dZ = P * (dP - rowsum(dP * P))
+        dq = s dZ k    dk = s dZ^T q    dv = P^T dO
+
+    and per example ``dW_o = G^T O``, ``db_o = sum_t G``, ``dW_q = dq^T x_q`` (likewise k, v),
+    ``db_q = sum_t dq``; bias_k and bias_v get the rows of ``dk``, ``dv`` at the appended key.
+    """
+    bound, _ = _bound(call)
+    bsz, heads, embed = call.batch_size, module.num_heads, module.embed_dim
+    lay = 0 if module.batch_first else 1
+    xq, xk, xv = (bound[n].movedim(lay, 0) for n in ("query", "key", "value"))
+    tgt, src = xq.shape[1], xk.shape[1]
+    if module._qkv_same_embed_dim:
+        wq, wk, wv = module.in_proj_weight.detach().chunk(3)
+    else:
+        wq, wk, wv = (module.get_parameter(f"{n}_proj_weight").detach() for n in "qkv")
+    bq = bk = bv = None
+    if module.in_proj_bias is not None:
+        bq, bk, bv = module.in_proj_bias.detach().chunk(3)
+    wo = module.out_proj.weight.detach()
+    scale = 1.0 / math.sqrt(module.head_dim)
+    with torch.no_grad():
+        q, k, v = F.linear(xq, wq, bq), F.linear(xk, wk, bk), F.linear(xv, wv, bv)
+        if module.bias_k is not None:
+            k = torch.cat([k, module.bias_k.detach().expand(bsz, 1, embed)], 1)
+            v = torch.cat([v, module.bias_v.detach().expand(bsz, 1, embed)], 1)
+        qs = _split_heads(q, heads) * scale
+        kh, vh = _split_heads(k, heads), _split_heads(v, heads)
+        if module.add_zero_attn:
+            zero = kh.new_zeros(bsz, heads, 1, kh.shape[-1])
+            kh, vh = torch.cat([kh, zero], 2), torch.cat([vh, zero], 2)
+        mask = _additive_mask(module, bound, bsz, tgt, src, q.dtype)
+        scores = qs @ kh.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        p = torch.softmax(scores, -1)
+        del scores
+        o = _merge_heads(p @ vh)
+        g = call.grad(0)
+        d_o = _split_heads(g @ wo, heads)
+        dp = d_o @ vh.transpose(-2, -1)
+        if len(call.grads) > 1 and call.grads[1] is not None:
+            gw = call.grad(1)
+            dp = dp + (gw.unsqueeze(1) / heads if bound["average_attn_weights"] else gw)
+        dz = p * (dp - (dp * p).sum(-1, keepdim=True))
+        del dp
+        dq = _merge_heads(dz @ kh) * scale
+        dk = _merge_heads((dz.transpose(-2, -1) @ qs)[:, :, : k.shape[1]])
+        dv = _merge_heads((p.transpose(-2, -1) @ d_o)[:, :, : k.shape[1]])
+    out = _Pieces()
+    if module.bias_k is not None:
+        out.extra["bias_k"] = dk[:, src].view(bsz, 1, 1, embed)
+        out.extra["bias_v"] = dv[:, src].view(bsz, 1, 1, embed)
+        dk, dv = dk[:, :src], dv[:, :src]
+    if module._qkv_same_embed_dim:
+        out.forms["in_proj_weight"] = [(0, xq, dq), (embed, xk, dk), (2 * embed, xv, dv)]
+    else:
+        out.forms["q_proj_weight"] = [(0, xq, dq)]
+        out.forms["k_proj_weight"] = [(0, xk, dk)]
+        out.forms["v_proj_weight"] = [(0, xv, dv)]
+    out.sums["in_proj_bias"] = [(0, dq.sum(1)), (embed, dk.sum(1)), (2 * embed, dv.sum(1))]
+    out.forms["out_proj.weight"] = [(0, o, g)]
+    out.sums["out_proj.bias"] = [(0, g.sum(1))]
+    return out
+
+
+def _concat(pieces: Sequence[_Pieces]) -> _Pieces:
+    """Several calls as one: forms concatenated along T, sums and extras added."""
+    first = pieces[0]
+    out = _Pieces()
+    for name, parts in first.forms.items():
+        out.forms[name] = [
+            (off, torch.cat([p.forms[name][j][1] for p in pieces], 1), torch.cat([p.forms[name][j][2] for p in pieces], 1))
+            for j, (off, _, _) in enumerate(parts)
+        ]
+    for name, parts in first.sums.items():
+        out.sums[name] = [(off, sum(p.sums[name][j][1] for p in pieces)) for j, (off, _) in enumerate(parts)]
+    for name in first.extra:
+        out.extra[name] = sum(p.extra[name] for p in pieces)
+    return out
+
+
+@DEFAULT.register(nn.MultiheadAttention)
+class MultiheadAttentionRule(Rule):
+    """nn.MultiheadAttention with all its parameters, ``out_proj`` included (see :func:`_pieces`).
+
+    Covered exactly: batch_first either way, packed or separate (kdim/vdim) projection weights, bias on
+    or off, add_bias_kv, add_zero_attn, ``key_padding_mask`` and ``attn_mask`` (bool or float, 2-D or
+    per-example 3-D), ``is_causal``, ``need_weights`` and ``average_attn_weights`` either way (a gradient
+    reaching the returned weights is included), self- and cross-attention, repeated calls.
+    """
+
+    claims_children = True
+
+    def check(self, module: nn.Module, call: Call) -> str | None:
+        """Why this call is left to the generic rule, or None.
+
+        - a subclass that overrides ``forward``: the recompute would not be its computation;
+        - dropout in training mode: the recompute cannot draw the forward's masks (the generic rule then
+          refuses too, since torch.func forbids random ops under vmap, so the result is an error);
+        - inputs that are not batched ``[*, B, *, E]`` tensors at the layout's batch dimension;
+        - a query row whose keys are all masked: the two code paths of the layer disagree there (NaN
+          with ``need_weights``, zeros without), which the generic rule reproduces as is.
+        """
+        if type(module).forward is not nn.MultiheadAttention.forward:
+            return "forward is overridden"
+        assert isinstance(module, nn.MultiheadAttention)
+        if module.dropout > 0 and module.training:
+            return "attention dropout in training mode draws random masks that cannot be recomputed"
+        bound, dims = _bound(call)
+        lay = 0 if module.batch_first else 1
+        for n in ("query", "key", "value"):
+            t = bound[n]
+            if not isinstance(t, Tensor) or t.dim() != 3 or dims[n] != lay:
+                return f"{n} is not a batched 3-D tensor with the batch at dimension {lay}"
+        if call.out_bdims[0] != lay:
+            return "the output does not carry the batch where expected"
+        kpm, attn_mask = bound["key_padding_mask"], bound["attn_mask"]
+        if kpm is not None and dims["key_padding_mask"] != 0:
+            return "key_padding_mask does not carry the batch at dimension 0"
+        if attn_mask is not None and attn_mask.dim() == 3 and dims["attn_mask"] != 0:
+            return "a 3-D attn_mask does not carry the batch at dimension 0"
+        if attn_mask is not None and attn_mask.dim() == 2 and dims["attn_mask"] is not None:
+            return "a 2-D attn_mask varies with the batch"
+        for m in (kpm, attn_mask):
+            if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+                return f"mask of dtype {m.dtype}"
+        if len(call.grads) > 1 and call.grads[1] is not None and call.out_bdims[1] != 0:
+            return "the attention weights do not carry the batch at dimension 0"
+        xq = bound["query"]
+        mask = _additive_mask(
+            module, bound, call.batch_size, xq.shape[lay ^ 1], bound["key"].shape[lay ^ 1], xq.dtype
+        )
+        if mask is not None and bool((mask == -math.inf).all(-1).any()):
+            return "a query has all its keys masked"
+        return None
+
+    def grad_sample(
+        self, module: nn.MultiheadAttention, call: Call, dest: Mapping[str, Tensor], accumulate: bool
+    ) -> None:
+        pieces = _pieces(module, call)
+        for name, parts in pieces.forms.items():
+            if name in dest:
+                for off, a, b in parts:
+                    rows = dest[name][:, off : off + b.shape[2]]  # [B, p, d], written in place
+                    if accumulate:
+                        rows.baddbmm_(b.transpose(1, 2), a)
+                    else:
+                        torch.bmm(b.transpose(1, 2), a, out=rows)
+        for name, parts in pieces.sums.items():
+            if name in dest:
+                for off, s in parts:
+                    put(dest[name][:, off : off + s.shape[1]], s, accumulate)
+        for name, value in pieces.extra.items():
+            if name in dest:
+                put(dest[name], value, accumulate)
+
+    def norm_sample(
+        self, module: nn.MultiheadAttention, calls: Sequence[Call], names: Sequence[str]
+    ) -> tuple[dict[str, Tensor], Any]:
+        """Weights: the sum over row blocks of :func:`~psgrad.rules.base.linear_form_norms` (ghost norm
+        or materialized, whichever is cheaper); biases, bias_k, bias_v: materialized (they are small)."""
+        pieces = _concat([_pieces(module, c) for c in calls])
+        norms: dict[str, Tensor] = {}
+        caches: dict[str, list[Any]] = {}
+        for name, parts in pieces.forms.items():
+            if name in names:
+                results = [linear_form_norms(a, b) for _, a, b in parts]
+                norms[name] = sum(r[0] for r in results)
+                caches[name] = [r[1] for r in results]
+        for name, parts in pieces.sums.items():
+            if name in names:
+                norms[name] = sum(s.pow(2).sum(1) for _, s in parts)
+        for name, value in pieces.extra.items():
+            if name in names:
+                norms[name] = value.flatten(1).pow(2).sum(1)
+        pieces.forms = {}  # what the clipped sum needs of them is in caches
+        return norms, (pieces, caches)
+
+    def clipped_sum(
+        self, module: nn.MultiheadAttention, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+    ) -> dict[str, Tensor]:
+        pieces, caches = cache
+        out: dict[str, Tensor] = {}
+        for name, kept in caches.items():
+            if name in names:
+                out[name] = torch.cat([linear_form_clipped(c, k) for k in kept], 0)
+        for name, parts in pieces.sums.items():
+            if name in names:
+                out[name] = torch.cat([c.to(s.dtype) @ s for _, s in parts], 0)
+        for name, value in pieces.extra.items():
+            if name in names:
+                out[name] = torch.tensordot(c.to(value.dtype), value, dims=([0], [0]))
+        return out
