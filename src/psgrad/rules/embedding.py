@@ -1,1 +1,108 @@
-"""Rules for the embedding layer family (registered into DEFAULT on import)."""
+"""Rules for the embedding layer family: nn.Embedding.
+
+``y[..., :] = weight[idx[...], :]``. With the indices of one call flattened per example to ``idx: [B, T]``
+and the output gradient to ``b: [B, T, d]`` (batch moved to dimension 0, wherever the layer had it):
+
+    weight_i[v] = sum over t with idx_i[t] = v of b_i[t]          ([B, V, d], dense)
+
+and the row ``padding_idx`` is zero for every example. Two options are declined by
+:meth:`EmbeddingRule.check`: ``max_norm`` makes the forward renormalize rows of the weight in place, so
+the weight that autograd differentiates is not the parameter as it was before the call; and
+``scale_grad_by_freq`` divides by token counts over the whole batch (the public API refuses such models
+before any engine runs).
+
+nn.EmbeddingBag has no rule here; it goes to the generic rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import Call
+from .base import Rule
+from .registry import DEFAULT
+
+
+def _segments(idx: Tensor) -> Tensor:
+    """For ``idx: [B, T]``, the rank of each position's token among the example's distinct tokens:
+    ``seg: [B, T]`` in ``[0, T)`` with ``seg[i, t] = seg[i, s]`` iff ``idx[i, t] = idx[i, s]``.
+
+    One sort per row, so ``O(B T log T)`` time and ``O(B T)`` memory, independent of V.
+    """
+    ordered, order = idx.sort(dim=1)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    seg_sorted = new.cumsum(1) - 1
+    return torch.empty_like(seg_sorted).scatter_(1, order, seg_sorted)
+
+
+def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
+    """One call as ``idx: [B, T]`` (int64) and output gradients ``b: [B, T, d]``, with the rows at
+    ``padding_idx`` set to zero (so that the padding row receives nothing)."""
+    bsz, d = call.batch_size, module.embedding_dim
+    idx = call.input(0).reshape(bsz, -1).long()
+    b = call.grad(0).reshape(bsz, -1, d)
+    if module.padding_idx is not None:
+        b = b.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
+    return idx, b
+
+
+@DEFAULT.register(nn.Embedding)
+class EmbeddingRule(Rule):
+    """``idx: [B, *], b: [B, *, d] -> weight: [B, V, d]`` (see the module docstring for the formula).
+
+    grad_sample: one ``index_add_`` (``scatter_add_`` into a strided destination) of the output gradient
+    rows into the zeroed per-sample gradient; no one-hot matrix.
+    norm_sample: ``||weight_i||^2 = sum over distinct tokens v of ||sum_{t: idx_i[t] = v} b_i[t]||^2``,
+    computed by summing the rows of each distinct token (:func:`_segments`) into ``[B, T, d]``, so the
+    ``[B, V, d]`` gradient is never built: ``O(B T d)``. This equals the ghost norm
+    ``sum_{t, s} [idx_i[t] = idx_i[s]] <b_i[t], b_i[s]>`` without its ``O(T^2)`` Gram matrix.
+    clipped_sum: ``sum_i c_i weight_i`` as one ``index_add_`` of the ``c``-scaled gradient rows into ``[V, d]``.
+    """
+
+    def check(self, module: nn.Embedding, call: Call) -> str | None:
+        if module.max_norm is not None:
+            return "max_norm renormalizes the weight in place during the forward"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq divides by token counts over the whole batch"
+        return None
+
+    def grad_sample(self, module: nn.Embedding, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        if "weight" not in dest:
+            return
+        idx, b = _forms(module, call)
+        w = dest["weight"]
+        bsz, t, d = b.shape
+        if not accumulate:
+            w.zero_()
+        if w.is_contiguous():
+            offsets = torch.arange(bsz, device=idx.device).mul_(module.num_embeddings).unsqueeze(1)
+            w.view(-1, d).index_add_(0, (idx + offsets).view(-1), b.reshape(-1, d))
+        else:
+            w.scatter_add_(1, idx.unsqueeze(-1).expand(bsz, t, d), b)
+
+    def norm_sample(self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        if "weight" not in names:
+            return {}, None
+        parts = [_forms(module, c) for c in calls]
+        idx = torch.cat([p[0] for p in parts], 1)
+        b = torch.cat([p[1] for p in parts], 1)
+        seg = _segments(idx)
+        per_token = torch.zeros_like(b).scatter_add_(1, seg.unsqueeze(-1).expand_as(b), b)
+        return {"weight": per_token.pow(2).sum((1, 2))}, (idx, b)
+
+    def clipped_sum(
+        self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+    ) -> dict[str, Tensor]:
+        if "weight" not in names:
+            return {}
+        idx, b = cache
+        d = module.embedding_dim
+        out = torch.zeros(module.num_embeddings, d, dtype=b.dtype, device=b.device)
+        out.index_add_(0, idx.reshape(-1), (b * c.to(b.dtype).view(-1, 1, 1)).reshape(-1, d))
+        return {"weight": out}
+

@@ -1,1 +1,218 @@
-"""Rules for the norm layer family (registered into DEFAULT on import)."""
+"""Rules for the norm layer family: GroupNorm, LayerNorm, RMSNorm and InstanceNorm1d/2d/3d.
+
+Every layer here computes ``y = x_hat * weight (+ bias)`` with a normalized input ``x_hat`` and an affine
+transform that broadcasts over the non-parameter dimensions. With ``b = dL/dy`` (batch at dimension 0), the
+per-sample gradients are
+
+    weight_i = sum over non-parameter dims of b_i * x_hat_i,     bias_i = sum over the same dims of b_i.
+
+``x_hat`` is recomputed from the captured *input* with the functional form of the layer's own forward
+(same statistic, biased variance, same eps), never read back from the output: later code may modify the
+output in place (ResNet's ``out += identity``). Everything is computed in the input's dtype.
+
+The parameters are small (``[B, C]`` or ``[B, *normalized_shape]`` per call), so norms and clipped sums
+use the materializing defaults of :class:`~psgrad.rules.base.Rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..capture import Call
+from .base import Rule, put
+from .registry import DEFAULT
+
+
+def _channel_sums(b: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_s b * x_hat, sum_s b)``, each ``[B, C]``, for ``b, x_hat: [B, C, *S]``.
+
+    One fused reduction: the weight/bias-gradient kernel of GroupNorm's backward, applied to the tensors
+    viewed as a single example with ``B * C`` channels, given ``mean = 0`` and ``rstd = 1`` (``x_hat`` is
+    already normalized). Its gamma gradient per channel is then ``sum_s b * (x_hat - 0) * 1`` and its beta
+    gradient ``sum_s b``: exactly the per-(example, channel) sums, without a product tensor and without
+    the cancellation of the ``sum(b x) - mean * sum(b)`` form.
+    """
+    bsz, channels = b.shape[0], b.shape[1]
+    rows = bsz * channels
+    spatial = b[0, 0].numel()
+    b3 = b.reshape(1, rows, spatial).contiguous()
+    x3 = x_hat.reshape(1, rows, spatial).contiguous()
+    zero = torch.zeros(1, 1, dtype=x3.dtype, device=x3.device)
+    one = torch.ones(1, 1, dtype=x3.dtype, device=x3.device)
+    _, dw, db = torch.ops.aten.native_group_norm_backward(
+        b3, x3, zero, one, None, 1, rows, spatial, 1, [False, True, True]
+    )
+    return dw.view(bsz, channels), db.view(bsz, channels)
+
+
+def _write_channel_grads(b: Tensor, x_hat: Tensor | None, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+    """Per-sample ``weight``/``bias`` gradients ``[B, C]`` of a channel-affine layer into ``dest``
+    (``x_hat`` is needed only for ``weight``)."""
+    if "weight" in dest:
+        assert x_hat is not None
+        w, s = _channel_sums(b, x_hat)
+        put(dest["weight"], w, accumulate)
+    else:
+        s = b.reshape(b.shape[0], b.shape[1], -1).sum(2)
+    if "bias" in dest:
+        put(dest["bias"], s, accumulate)
+
+
+def _write_affine_grads(b: Tensor, x_hat: Tensor | None, ndims: int, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+    """Per-sample gradients of an elementwise affine over the last ``ndims`` dimensions.
+
+    ``b, x_hat: [B, *R, *N]`` with ``N`` the parameter shape (``ndims`` dimensions): ``weight: [B, *N] =
+    sum_R b * x_hat``, ``bias: [B, *N] = sum_R b``; the reduction over R writes into ``dest`` with ``out=``.
+    """
+    bsz = b.shape[0]
+    n = 1
+    for s in b.shape[b.dim() - ndims :]:
+        n *= s
+    b3 = b.reshape(bsz, -1, n)
+    rows = b3.shape[1]
+    if "weight" in dest:
+        assert x_hat is not None
+        prod = b3 * x_hat.reshape(bsz, -1, n)
+        _sum_rows_into(dest["weight"], prod, rows, accumulate)
+    if "bias" in dest:
+        _sum_rows_into(dest["bias"], b3, rows, accumulate)
+
+
+def _sum_rows_into(dest: Tensor, value: Tensor, rows: int, accumulate: bool) -> None:
+    """``dest (+)= value.sum(1)`` for ``value: [B, R, n]`` and ``dest: [B, *N]`` with ``prod(N) = n``."""
+    bsz, n = value.shape[0], value.shape[2]
+    if rows == 1:
+        put(dest, value.reshape(dest.shape), accumulate)
+        return
+    try:
+        flat = dest.view(bsz, n)
+    except RuntimeError:  # a destination whose trailing dimensions cannot be merged: reduce, then copy
+        put(dest, value.sum(1).view(dest.shape), accumulate)
+        return
+    if accumulate:
+        flat.add_(value.sum(1))
+    else:
+        torch.sum(value, 1, out=flat)
+
+
+def _batch_first_only(call: Call, min_dim: int) -> str | None:
+    bdim = call.input_bdim(0)
+    if bdim != 0:
+        return f"the input carries the batch at dimension {bdim}, not 0"
+    if call.input(0).dim() < min_dim:
+        return f"the input has fewer than {min_dim} dimensions"
+    return None
+
+
+def _trailing_ok(call: Call, ndims: int) -> str | None:
+    """The batch must lie outside the normalized (last ``ndims``) dimensions of the original input."""
+    bdim = call.input_bdim(0)
+    x = call.input(0)
+    if bdim is not None and bdim >= x.dim() - ndims:
+        return f"the batch (dimension {bdim}) lies inside the normalized dimensions"
+    return None
+
+
+@DEFAULT.register(nn.GroupNorm)
+class GroupNormRule(Rule):
+    """``y = x_hat * weight + bias`` with ``x_hat`` normalized over each group of ``C / G`` channels and all
+    spatial positions of one example (biased variance, ``module.eps``).
+
+    ``x, b: [B, C, *S] -> weight, bias: [B, C]``; ``weight_i[c] = sum_s b_i[c, s] x_hat_i[c, s]``,
+    ``bias_i[c] = sum_s b_i[c, s]``. Cost: one normalization and one fused reduction (see
+    :func:`_channel_sums`).
+    """
+
+    def check(self, module: nn.GroupNorm, call: Call) -> str | None:
+        return _batch_first_only(call, 2)
+
+    def grad_sample(self, module: nn.GroupNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        b = call.grad(0)
+        x_hat = None
+        if "weight" in dest:
+            x_hat = F.group_norm(call.input(0), module.num_groups, None, None, module.eps)
+        _write_channel_grads(b, x_hat, dest, accumulate)
+
+
+_INSTANCE_DIMS = ((nn.InstanceNorm1d, 3), (nn.InstanceNorm2d, 4), (nn.InstanceNorm3d, 5))
+
+
+@DEFAULT.register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormRule(Rule):
+    """``y = x_hat * weight + bias`` (``affine=True``), ``x_hat`` normalized per example and channel over the
+    spatial positions (biased variance, ``module.eps``); in eval mode with ``track_running_stats=True``,
+    ``x_hat = (x - running_mean) / sqrt(running_var + eps)`` instead, as in the forward.
+
+    ``x, b: [B, C, *S] -> weight, bias: [B, C]``; ``weight_i[c] = sum_s b_i[c, s] x_hat_i[c, s]``,
+    ``bias_i[c] = sum_s b_i[c, s]``. Unbatched inputs (``[C, *S]``) are left to the generic rule.
+    """
+
+    def check(self, module: nn.modules.instancenorm._InstanceNorm, call: Call) -> str | None:
+        expected = next((d for t, d in _INSTANCE_DIMS if isinstance(module, t)), None)
+        if expected is None:
+            return f"unknown instance norm type {type(module).__name__}"
+        bdim = call.input_bdim(0)
+        if bdim != 0:
+            return f"the input carries the batch at dimension {bdim}, not 0"
+        if call.input(0).dim() != expected:
+            return f"expected a batched {expected}-d input, got {call.input(0).dim()}-d"
+        if not (module.training or not module.track_running_stats):
+            if module.running_mean is None or module.running_var is None:
+                return "running statistics are tracked but missing"
+        return None
+
+    def grad_sample(
+        self, module: nn.modules.instancenorm._InstanceNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool
+    ) -> None:
+        b = call.grad(0)
+        x_hat = None
+        if "weight" in dest:
+            x = call.input(0)
+            if module.training or not module.track_running_stats:
+                x_hat = F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
+            else:  # eval with running statistics: fixed per-channel affine map, buffers are only read
+                x_hat = F.instance_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+        _write_channel_grads(b, x_hat, dest, accumulate)
+
+
+@DEFAULT.register(nn.LayerNorm)
+class LayerNormRule(Rule):
+    """``y = x_hat * weight + bias`` with ``x_hat`` normalized over the last ``len(normalized_shape)``
+    dimensions (biased variance, ``module.eps``).
+
+    ``x, b: [B, *R, *N] -> weight, bias: [B, *N]`` (batch moved to dimension 0, ``N = normalized_shape``);
+    ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``.
+    """
+
+    def check(self, module: nn.LayerNorm, call: Call) -> str | None:
+        return _trailing_ok(call, len(module.normalized_shape))
+
+    def grad_sample(self, module: nn.LayerNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        b = call.grad(0)
+        x_hat = None
+        if "weight" in dest:
+            x_hat = F.layer_norm(call.input(0), module.normalized_shape, None, None, module.eps)
+        _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)
+
+
+@DEFAULT.register(nn.RMSNorm)
+class RMSNormRule(Rule):
+    """``y = x_hat * weight`` with ``x_hat = x / sqrt(mean(x^2) + eps)`` over the last
+    ``len(normalized_shape)`` dimensions (``eps=None`` means ``finfo(x.dtype).eps``, as in the forward).
+
+    ``x, b: [B, *R, *N] -> weight: [B, *N]``; ``weight_i = sum_r b_i[r] * x_hat_i[r]``.
+    """
+
+    def check(self, module: nn.RMSNorm, call: Call) -> str | None:
+        return _trailing_ok(call, len(module.normalized_shape))
+
+    def grad_sample(self, module: nn.RMSNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        b = call.grad(0)
+        x_hat = None
+        if "weight" in dest:
+            x_hat = F.rms_norm(call.input(0), list(module.normalized_shape), None, module.eps)
+        _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)
