@@ -1,1 +1,236 @@
-"""Rules for the conv layer family (registered into DEFAULT on import)."""
+"""nn.Conv1d, nn.Conv2d and nn.Conv3d (and subclasses that keep the stock forward).
+
+A convolution is a linear layer applied at every output position to the patch of input it sees
+(im2col). For example i, with the input padded the way the module pads it,
+
+    a_i: [C_in, *S] (padded)  ->  U_i = unfold(a_i): [C_in * K, T],   K = prod(k), T = prod(S')
+    b_i = dL_i/dy_i: [C_out, *S']  ->  [C_out, T]
+
+and, for each group j of ``g`` (input channels and output channels split into g equal blocks),
+
+    weight_i[j] = b_i[j] U_i[j]^T : [C_out/g, C_in/g * K]      (b_i[j]: [C_out/g, T], U_i[j]: [C_in/g * K, T])
+    bias_i      = sum_t b_i[:, t]  : [C_out]
+
+so that ``a: [B, C_in, *S], b: [B, C_out, *S'] -> weight: [B, C_out, C_in/g, *k], bias: [B, C_out]``.
+Every group of every example is one linear form ``b^T a`` with ``a: [T, d]`` (d = C_in/g * K) and
+``b: [T, p]`` (p = C_out/g), so norms use :func:`~psgrad.rules.base.linear_form_norms` per group (ghost
+norm, Li et al. 2021, iff 2 T^2 <= p d, as in Bu et al. 2022). Several calls of one module sum their
+gradients; their forms are concatenated along T, which includes the cross terms between calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._errors import UnsupportedModelError
+from ..capture import Call
+from .base import Rule, linear_form_norms, put
+from .registry import DEFAULT
+
+_STOCK: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+_WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {
+    1: torch.nn.grad.conv1d_weight,
+    2: torch.nn.grad.conv2d_weight,
+    3: torch.nn.grad.conv3d_weight,
+}
+
+
+def _stock(module: nn.Module) -> type[nn.Module] | None:
+    for cls in _STOCK:
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def _padding(module: nn.Module) -> tuple[list[int], list[int], bool]:
+    """Per spatial dimension the (left, right) padding that the stock forward applies, and whether it pads
+    with zeros (else it calls ``F.pad(mode=padding_mode)`` with ``_reversed_padding_repeated_twice``)."""
+    n = len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        rev = list(module._reversed_padding_repeated_twice)
+        left = [rev[2 * (n - 1 - i)] for i in range(n)]
+        right = [rev[2 * (n - 1 - i) + 1] for i in range(n)]
+        return left, right, False
+    if module.padding == "valid":
+        return [0] * n, [0] * n, True
+    if module.padding == "same":  # as ATen: the odd extra element goes to the right
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return [t // 2 for t in total], [t - t // 2 for t in total], True
+    pad = list(module.padding)
+    return pad, pad, True
+
+
+def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input as the convolution sees it: ``(x', p)`` such that the module's output is the convolution of
+    ``x'`` with symmetric zero padding ``p`` (the padding that unfold and conv weight-gradients accept)."""
+    left, right, zeros = _padding(module)
+    n = len(left)
+    if (zeros and left == right) or not any(left + right):
+        return x, tuple(left)
+    flat = [v for i in reversed(range(n)) for v in (left[i], right[i])]  # F.pad order: last dim first
+    if zeros:
+        return F.pad(x, flat), (0,) * n
+    return F.pad(x, flat, mode=module.padding_mode), (0,) * n
+
+
+def _out_size(module: nn.Module, size: Sequence[int]) -> list[int]:
+    left, right, _ = _padding(module)
+    return [
+        (s + lo + hi - d * (k - 1) - 1) // st + 1
+        for s, lo, hi, d, k, st in zip(size, left, right, module.dilation, module.kernel_size, module.stride)
+    ]
+
+
+def _patches(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
+    """``unfold`` (im2col) of the input: ``[B, C_in * K, T]``, rows ordered (channel, *kernel offsets) like
+    the flattened weight, columns ordered like the flattened output positions.
+
+    Built for any number of spatial dimensions from strided views (``Tensor.unfold`` per dimension) and one
+    copy. For 2-D this equals ``F.unfold`` element for element; it is used there too because on CPU it
+    was as fast or faster than ``F.unfold`` in our measurements, and far steadier on a busy machine.
+    """
+    n = len(module.kernel_size)
+    if any(pad):
+        x = F.pad(x, [v for p in reversed(pad) for v in (p, p)])
+    bsz, c = x.shape[:2]
+    for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride)):
+        # windows of the dilated extent d (k - 1) + 1 every s; keep every d-th element of each window
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    # [B, C, *S', *k] -> [B, C, *k, *S']
+    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
+    return x.reshape(bsz, c * x.shape[2:2 + n].numel(), -1)
+
+
+def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> tuple[Tensor, Tensor]:
+    """One call (padded input, output gradient) as per-group linear forms: a ``[B g, T, d]``, b ``[B g, T, p]``."""
+    bsz, g = grad.shape[0], module.groups
+    b = grad.reshape(bsz * g, module.out_channels // g, -1).transpose(1, 2)
+    u = _patches(module, x, pad)
+    return u.view(bsz * g, -1, u.shape[-1]).transpose(1, 2), b
+
+
+def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, accumulate: bool) -> None:
+    """``dest (+)= x @ y`` with ``dest`` seen as ``shape``: straight into its memory when it can be viewed so."""
+    try:
+        view = dest.view(shape)
+    except RuntimeError:  # e.g. groups > 1 inside a flat [B, P] buffer: batch and group do not merge
+        put(dest, torch.bmm(x, y).view(dest.shape), accumulate)
+        return
+    if accumulate:
+        view.baddbmm_(x, y)
+    else:
+        torch.bmm(x, y, out=view)
+
+
+@DEFAULT.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(Rule):
+    """Per-sample gradients of a convolution by unfold (im2col), per group.
+
+    ``a: [B, C_in, *S], b: [B, C_out, *S'] -> weight: [B, C_out, C_in/g, *k], bias: [B, C_out]`` with
+    ``weight_i[j] = b_i[j] unfold(a_i)[j]^T`` for group j (see the module docstring), where ``a`` is the
+    input padded as the module pads it (``F.pad`` with ``padding_mode`` first, for non-zero modes).
+    """
+
+    def check(self, module: nn.Module, call: Call) -> str | None:
+        stock = _stock(module)
+        if stock is None:
+            return f"{type(module).__name__} is not a stock convolution"
+        cls = type(module)
+        if cls.forward is not stock.forward or cls._conv_forward is not stock._conv_forward:
+            return f"{cls.__name__} overrides the forward of {stock.__name__}"
+        extra = sorted(set(module._parameters) - {"weight", "bias"})
+        if extra:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
+            return f"{cls.__name__} owns parameters {extra} besides weight and bias"
+        if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            return f"unknown padding_mode {module.padding_mode!r}"
+        try:
+            bdim = call.input_bdim(0)
+            leaf = call.leaves[call.arg_leaves[0]]
+        except UnsupportedModelError as exc:
+            return str(exc)
+        n = len(module.kernel_size)
+        if leaf.dim() != n + 2:
+            return f"input of shape {list(leaf.shape)} is not batched"
+        if bdim != 0 or call.out_bdims[0] != 0:
+            return "the batch is not dimension 0 of the input and the output"
+        if leaf.is_complex() or not leaf.is_floating_point():
+            return f"input dtype {leaf.dtype} is not a real floating type"
+        out = call.out_shapes[0]
+        expected = [leaf.shape[0], module.out_channels, *_out_size(module, leaf.shape[2:])]
+        if out is None or list(out) != expected or leaf.shape[1] != module.in_channels:
+            return f"input {list(leaf.shape)} and output {list(out or [])} do not match the module's geometry"
+        return None
+
+    def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        bsz, g = call.batch_size, module.groups
+        p = module.out_channels // g
+        grad = call.grad(0)
+        if "weight" in dest:
+            x, pad = _padded_input(module, call.input(0))
+            u = _patches(module, x, pad)  # [B, C_in K, T]
+            u = u.view(bsz * g, -1, u.shape[-1])  # [B g, d, T]
+            b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
+            _bmm_into(dest["weight"], (bsz * g, p, u.shape[1]), b, u.transpose(1, 2), accumulate)
+        if "bias" in dest:
+            flat = grad.reshape(bsz, module.out_channels, -1)
+            if accumulate:
+                dest["bias"].add_(flat.sum(2))
+            else:
+                torch.sum(flat, 2, out=dest["bias"])
+
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        bsz, g = calls[0].batch_size, module.groups
+        norms: dict[str, Tensor] = {}
+        cache: dict[str, Any] = {}
+        if "weight" in names:
+            inputs = [(*_padded_input(module, c.input(0)), c.grad(0)) for c in calls]
+            forms = [_forms(module, *i) for i in inputs]
+            a = forms[0][0] if len(forms) == 1 else torch.cat([f[0] for f in forms], 1)
+            b = forms[0][1] if len(forms) == 1 else torch.cat([f[1] for f in forms], 1)
+            sq, kept = linear_form_norms(a, b)  # per (example, group)
+            del forms, a, b
+            norms["weight"] = sq.view(bsz, g).sum(1)
+            if isinstance(kept, Tensor):  # materialized: [B g, p, d] is the weight layout [B, C_out, C_in/g * K]
+                cache["weight"] = kept.view(bsz, *module.weight.shape)
+            else:
+                # ghost norm: drop the patches; keep what one weight-gradient per call needs (the calls
+                # themselves may be released before the clipped sum)
+                cache["weight"] = None
+                cache["inputs"] = inputs
+        if "bias" in names:
+            bias = sum(c.grad(0).reshape(bsz, module.out_channels, -1).sum(2) for c in calls)
+            cache["bias"] = bias
+            norms["bias"] = bias.pow(2).sum(1)
+        return norms, cache
+
+    def clipped_sum(
+        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            per_sample = cache["weight"]
+            if per_sample is not None:
+                out["weight"] = torch.tensordot(c.to(per_sample.dtype), per_sample, dims=([0], [0]))
+            else:
+                # sum_i c_i g_i is the ordinary weight gradient of the batch with output gradients c_i b_i
+                # (the weight gradient is linear in b). That is one convolution-backward over the padded
+                # input: the same exact sum over examples and positions as sum_i c_i b_i^T unfold(a_i),
+                # without materializing the [B, C_in K, T] patches.
+                n = len(module.kernel_size)
+                total = None
+                for x, pad, grad in cache["inputs"]:
+                    scaled = grad * c.to(grad.dtype).view(-1, *([1] * (n + 1)))
+                    w = _WEIGHT_GRAD[n](x, module.weight.shape, scaled, module.stride, pad, module.dilation, module.groups)
+                    total = w if total is None else total + w
+                assert total is not None
+                out["weight"] = total
+        if "bias" in names:
+            bias = cache["bias"]
+            out["bias"] = c.to(bias.dtype) @ bias
+        return out

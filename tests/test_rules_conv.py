@@ -1,0 +1,309 @@
+"""The hooks engine's rule for Conv1d/2d/3d: per-sample gradients, norms and clipped sums against the truth."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+import torch
+from helpers import assert_close_to_truth, truth
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
+from torch import nn
+
+import psgrad
+from psgrad.rules import DEFAULT
+from psgrad.rules.conv import ConvRule
+from psgrad.verify import compare, tolerance
+
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+MODES = ["zeros", "reflect", "replicate", "circular"]
+TOL = tolerance(torch.float32)
+
+
+class SpyRule(ConvRule):
+    """The conv rule, counting what the engine asked of it and which norm it chose."""
+
+    def __init__(self) -> None:
+        self.used: Counter[str] = Counter()
+
+    def check(self, module, call):
+        reason = super().check(module, call)
+        self.used["accepted" if reason is None else "refused"] += 1
+        return reason
+
+    def grad_sample(self, module, call, dest, accumulate):
+        self.used["grad_sample"] += 1
+        super().grad_sample(module, call, dest, accumulate)
+
+    def norm_sample(self, module, calls, names):
+        norms, cache = super().norm_sample(module, calls, names)
+        self.used["norm_sample"] += 1
+        if "weight" in names:
+            self.used["ghost" if cache["weight"] is None else "materialized"] += 1
+        return norms, cache
+
+    def clipped_sum(self, module, calls, names, c, cache):
+        self.used["clipped_sum"] += 1
+        return super().clipped_sum(module, calls, names, c, cache)
+
+
+def spy_registry() -> tuple[psgrad.rules.Registry, SpyRule]:
+    spy = SpyRule()
+    reg = DEFAULT.copy()
+    reg.register(nn.Conv1d, nn.Conv2d, nn.Conv3d, replace=True)(spy)
+    return reg, spy
+
+
+def squared_loss(out, target):
+    return (out.tanh() - target).pow(2).flatten(1).sum(1)
+
+
+class Net(nn.Module):
+    """The conv once, or twice on different inputs of one example (the two results are added)."""
+
+    def __init__(self, conv: nn.Module, twice: bool):
+        super().__init__()
+        self.conv, self.twice = conv, twice
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.twice:
+            y = y + self.conv(torch.tanh(x.flip(-1)) * 1.5)
+        return y
+
+
+def expected_norms(grads):
+    return {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
+
+
+def expected_clipped(grads, max_norm):
+    total = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+    c = torch.where(total > 0, (max_norm / total).clamp(max=1.0), torch.ones_like(total))
+    return {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in grads.items()}
+
+
+def assert_near(result, expected, label):
+    """Norm-relative agreement within the float32 tolerance of psgrad.verify."""
+    bad = [p for p in compare(result, expected, torch.float32) if not p.ok]
+    assert not bad, f"{label}: " + "; ".join(f"{p.name} rel err {p.rel_err:.2e} > {TOL:.1e}" for p in bad)
+
+
+def check_all(model, x, target, params=None, expect_rule=True):
+    """Per-sample grads, norms by parameter and a clipped sum (clipping active) of the hooks engine against
+    values derived from the float64 loop; and whether the conv rule, not the fallback, did the work."""
+    expected = truth(model, squared_loss, x, target, params=params)
+    reg, spy = spy_registry()
+    result = psgrad.per_sample_grads(model, squared_loss, x, target, engine="hooks", params=params, registry=reg)
+    assert_close_to_truth(result, expected, torch.float32, label="grads")
+
+    norms = psgrad.per_sample_norms(
+        model, squared_loss, x, target, engine="hooks", params=params, by_param=True, registry=reg
+    )
+    assert_near(norms, expected_norms(expected), "norms")
+
+    total = torch.stack([g.flatten(1).pow(2).sum(1) for g in expected.values()]).sum(0).sqrt()
+    max_norm = 0.5 * total.median().item()
+    assert max_norm > 0 and (total > max_norm).any()
+    clipped = psgrad.clipped_grad_sum(
+        model, squared_loss, x, target, max_norm, engine="hooks", params=params, registry=reg
+    )
+    assert_near(clipped, expected_clipped(expected, max_norm), "clipped sum")
+
+    if expect_rule:
+        assert spy.used["refused"] == 0
+        assert spy.used["grad_sample"] > 0 and spy.used["norm_sample"] == 2 and spy.used["clipped_sum"] == 1
+    else:
+        assert spy.used["accepted"] == 0 and spy.used["grad_sample"] == 0 and spy.used["norm_sample"] == 0
+    return spy
+
+
+# ------------------------------------------------------------------------------------ property test
+@dataclass(frozen=True)
+class Case:
+    dims: int
+    groups: int
+    in_per_group: int
+    out_per_group: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding: int | tuple[int, ...] | str
+    padding_mode: str
+    bias: bool
+    batch: int
+    size: tuple[int, ...]
+    twice: bool
+    which: str  # "all", "weight" or "bias"
+
+    def conv(self) -> nn.Module:
+        return CONVS[self.dims](
+            self.groups * self.in_per_group, self.groups * self.out_per_group, self.kernel, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias,
+            padding_mode=self.padding_mode,
+        )
+
+
+@st.composite
+def cases(draw) -> Case:
+    dims = draw(st.sampled_from([1, 2, 3]))
+    per_dim = lambda s: tuple(draw(st.lists(s, min_size=dims, max_size=dims)))  # noqa: E731
+    kernel = per_dim(st.integers(1, 3))
+    dilation = per_dim(st.integers(1, 2))
+    kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
+    stride = (1,) * dims if kind == "same" else per_dim(st.integers(1, 2))
+    padding = {"int": lambda: draw(st.integers(0, 2)), "tuple": lambda: per_dim(st.integers(0, 2)),
+               "same": lambda: "same", "valid": lambda: "valid"}[kind]()
+    largest = {1: 8, 2: 6, 3: 4}[dims]
+    bias = draw(st.booleans())
+    return Case(
+        dims=dims, groups=draw(st.integers(1, 2)), in_per_group=draw(st.integers(1, 2)),
+        out_per_group=draw(st.integers(1, 3)), kernel=kernel, stride=stride, dilation=dilation, padding=padding,
+        padding_mode=draw(st.sampled_from(MODES)), bias=bias, batch=draw(st.integers(1, 3)),
+        size=per_dim(st.integers(3, largest)), twice=draw(st.booleans()),
+        which=draw(st.sampled_from(["all", "weight", "bias"] if bias else ["all", "weight"])),
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+@given(cases())
+@example(Case(2, 2, 1, 2, (3, 2), (1, 1), (1, 2), "same", "reflect", True, 1, (5, 6), True, "all"))
+@example(Case(3, 1, 2, 2, (2, 2, 3), (2, 1, 2), (1, 2, 1), (1, 0, 2), "circular", True, 3, (4, 4, 4), True, "all"))
+@example(Case(1, 2, 2, 1, (3,), (2,), (2,), 2, "replicate", False, 2, (8,), False, "weight"))
+@example(Case(2, 1, 2, 2, (2, 3), (1, 1), (1, 1), "same", "zeros", True, 2, (4, 5), True, "all"))  # odd total pad
+@example(Case(3, 1, 1, 2, (2, 1, 2), (1, 1, 1), (1, 1, 1), "same", "zeros", False, 2, (3, 3, 4), False, "all"))
+@example(Case(2, 1, 1, 2, (1, 1), (1, 1), (1, 1), "valid", "zeros", True, 1, (3, 3), False, "bias"))
+def test_conv_rule_matches_truth(case: Case):
+    torch.manual_seed(0)
+    conv = case.conv()
+    x = torch.randn(case.batch, conv.in_channels, *case.size)
+    try:
+        out = conv(x)
+    except RuntimeError:  # a padding larger than reflect/circular allow, or an empty output
+        assume(False)
+    assume(out.numel() > 0)
+    target = torch.randn(out.shape) * 0.5
+    params = {"all": None, "weight": ["conv.weight"], "bias": ["conv.bias"]}[case.which]
+    check_all(Net(conv, case.twice).eval(), x, target, params)
+
+
+# ------------------------------------------------------------------------------------ fixed cases
+def test_rule_is_registered_for_every_conv():
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LazyConv2d):
+        assert isinstance(DEFAULT.lookup(cls), ConvRule)
+    assert DEFAULT.lookup(nn.ConvTranspose2d) is None or not isinstance(DEFAULT.lookup(nn.ConvTranspose2d), ConvRule)
+
+
+@pytest.mark.parametrize(
+    "conv, size, norm",
+    [
+        # T per call; called twice, T doubles
+        (nn.Conv2d(4, 4, 3), (3, 3), "ghost"),  # T = 1: ||a_i|| ||b_i||; twice 2 T^2 = 8 <= p d = 144
+        (nn.Conv2d(16, 24, 3, padding=1, groups=2), (3, 3), "ghost"),  # 2 T^2 <= 648 <= p d = 12 * 72
+        (nn.Conv2d(1, 2, 2), (6, 6), "materialized"),  # 2 T^2 >= 50 > p d = 8
+        (nn.Conv1d(3, 2, 2, padding=1, padding_mode="circular"), (7,), "materialized"),  # 128 > 12
+        (nn.Conv3d(8, 16, (1, 2, 2), padding="same", padding_mode="reflect", groups=2), (1, 2, 2), "ghost"),  # 128
+    ],
+    ids=["T1", "ghost-groups", "materialized", "materialized-1d", "ghost-3d-same"],
+)
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
+def test_both_norm_routes(conv, size, norm, twice):
+    torch.manual_seed(1)
+    x = torch.randn(4, conv.in_channels, *size)
+    target = torch.randn(conv(x).shape) * 0.5
+    spy = check_all(Net(conv, twice).eval(), x, target)
+    assert spy.used[norm] == 2 and spy.used["ghost" if norm == "materialized" else "materialized"] == 0
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_flat_buffer(groups):
+    """A flat [B, P] result makes each weight a strided view; groups > 1 cannot be viewed as [B g, p, d]."""
+    torch.manual_seed(0)
+    model = Net(nn.Conv2d(4, 4, 3, padding=1, groups=groups), twice=True).eval()
+    x = torch.randn(3, 4, 5, 5)
+    target = torch.randn(3, 4, 5, 5)
+    expected = truth(model, squared_loss, x, target)
+    reg, spy = spy_registry()
+    flat = psgrad.per_sample_grads(model, squared_loss, x, target, engine="hooks", flat=True, registry=reg)
+    split = dict(zip(expected, flat.split([g[0].numel() for g in expected.values()], dim=1)))
+    assert_close_to_truth({n: v.reshape(expected[n].shape) for n, v in split.items()}, expected)
+    assert spy.used["grad_sample"] == 2  # one per call, weight and bias together
+
+
+def test_channels_last_input():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    check_all(Net(conv, twice=False).eval(), x, torch.randn(3, 6, 3, 3))
+
+
+# ------------------------------------------------------------------- calls the rule leaves alone
+class Unbatched1d(nn.Module):
+    """A kernel-1 Conv1d fed ``[C, B]``: PyTorch reads that as one unbatched signal of length B."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x.t()).t()
+
+
+class Template(nn.Module):
+    """A Conv2d fed an unbatched ``[1, H, W]`` buffer; its output ``[1, H', W']`` is broadcast against the
+    batch ``[B, H', W']``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.register_buffer("template", torch.randn(1, 5, 5))
+
+    def forward(self, x):
+        return self.conv(self.template) * x
+
+
+class BatchOfOne(Template):
+    """The same with a batched ``[1, 1, H, W]`` buffer: a batch of one, broadcast, not the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.template = self.template.unsqueeze(0)
+
+
+def conv_with_extra_parameter():
+    """A conv that also owns a parameter its forward never reads: not a plain weight-and-bias conv."""
+    conv = nn.Conv2d(2, 3, 3)
+    conv.register_parameter("extra", nn.Parameter(torch.ones(2)))
+    return Net(conv, twice=False)
+
+
+class DoubledConv(nn.Conv2d):
+    """A subclass whose forward differs from the stock one: the rule must not claim it."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(Unbatched1d, (4, 3)), (Template, (4, 3, 3)), (BatchOfOne, (4, 1, 3, 3)), (lambda: Net(DoubledConv(2, 3, 3), False), (4, 2, 5, 5)),
+     (conv_with_extra_parameter, (4, 2, 5, 5))],
+    ids=["unbatched-1d", "unbatched-template", "batch-of-one", "subclass-forward", "extra-parameter"],
+)
+def test_fallback_takes_calls_the_rule_refuses(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(*shape)
+    target = torch.randn(model(x).shape) * 0.5
+    check_all(model, x, target, expect_rule=False)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1)), (3, 2, 2)])
+def test_patches_equal_unfold(stride, padding, dilation):
+    from psgrad.rules.conv import _padded_input, _patches
+
+    conv = nn.Conv2d(3, 2, (3, 2), stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 3, 7, 8)
+    expected = torch.nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    assert torch.equal(_patches(conv, *_padded_input(conv, x)), expected)
