@@ -12,7 +12,14 @@ from torch import nn
 import psgrad
 from psgrad.capture import Call
 from psgrad.rules import DEFAULT, Registry
-from psgrad.rules.norm import GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule
+from psgrad.rules.norm import (
+    _FUSED_MIN_POSITIONS,
+    GroupNormRule,
+    InstanceNormRule,
+    LayerNormRule,
+    RMSNormRule,
+    _channel_sums,
+)
 
 CE = nn.CrossEntropyLoss(reduction="none")
 F32 = torch.float32
@@ -74,6 +81,15 @@ def test_registry_resolves_norm_rules():
     assert isinstance(DEFAULT.lookup(nn.RMSNorm), RMSNormRule)
     for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
         assert isinstance(DEFAULT.lookup(t), InstanceNormRule)
+
+
+@pytest.mark.parametrize("spatial", [[], [_FUSED_MIN_POSITIONS - 1], [_FUSED_MIN_POSITIONS], [3, 5], [2, 2, 9]])
+def test_channel_sums_both_paths(spatial):
+    torch.manual_seed(0)
+    b, x = torch.randn(3, 5, *spatial, dtype=torch.float64), torch.randn(3, 5, *spatial, dtype=torch.float64)
+    w, s = _channel_sums(b, x)
+    torch.testing.assert_close(w, (b * x).reshape(3, 5, -1).sum(2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, b.reshape(3, 5, -1).sum(2), rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ GroupNorm

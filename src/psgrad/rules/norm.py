@@ -26,21 +26,28 @@ from ..capture import Call
 from .base import Rule, put
 from .registry import DEFAULT
 
+#: below this many positions per channel, a product and a sum beat the fused kernel (its CPU version
+#: takes a scalar path for rows shorter than one vector register)
+_FUSED_MIN_POSITIONS = 8
+
 
 def _channel_sums(b: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum_s b * x_hat, sum_s b)``, each ``[B, C]``, for ``b, x_hat: [B, C, *S]``.
 
-    One fused reduction: the weight/bias-gradient kernel of GroupNorm's backward, applied to the tensors
-    viewed as a single example with ``B * C`` channels, given ``mean = 0`` and ``rstd = 1`` (``x_hat`` is
-    already normalized). Its gamma gradient per channel is then ``sum_s b * (x_hat - 0) * 1`` and its beta
-    gradient ``sum_s b``: exactly the per-(example, channel) sums, without a product tensor and without
-    the cancellation of the ``sum(b x) - mean * sum(b)`` form.
+    With at least ``_FUSED_MIN_POSITIONS`` positions, one fused reduction: the weight/bias-gradient kernel
+    of GroupNorm's backward, applied to the tensors viewed as a single example with ``B * C`` channels,
+    given ``mean = 0`` and ``rstd = 1`` (``x_hat`` is already normalized). Its gamma gradient per channel
+    is then ``sum_s b * (x_hat - 0) * 1`` and its beta gradient ``sum_s b``: exactly the per-(example,
+    channel) sums, without a product tensor and without the cancellation of the
+    ``sum(b x) - mean * sum(b)`` form. Fewer positions: ``(b * x_hat).sum(-1)`` and ``b.sum(-1)``.
     """
     bsz, channels = b.shape[0], b.shape[1]
     rows = bsz * channels
     spatial = b[0, 0].numel()
     b3 = b.reshape(1, rows, spatial).contiguous()
     x3 = x_hat.reshape(1, rows, spatial).contiguous()
+    if spatial < _FUSED_MIN_POSITIONS:
+        return (b3 * x3).sum(2).view(bsz, channels), b3.sum(2).view(bsz, channels)
     zero = torch.zeros(1, 1, dtype=x3.dtype, device=x3.device)
     one = torch.ones(1, 1, dtype=x3.dtype, device=x3.device)
     _, dw, db = torch.ops.aten.native_group_norm_backward(
@@ -124,7 +131,7 @@ class GroupNormRule(Rule):
 
     ``x, b: [B, C, *S] -> weight, bias: [B, C]``; ``weight_i[c] = sum_s b_i[c, s] x_hat_i[c, s]``,
     ``bias_i[c] = sum_s b_i[c, s]``. Cost: one normalization and one fused reduction (see
-    :func:`_channel_sums`).
+    :func:`_channel_sums`); no loop over channels or groups.
     """
 
     def check(self, module: nn.GroupNorm, call: Call) -> str | None:
