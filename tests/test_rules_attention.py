@@ -374,13 +374,6 @@ def test_transformer_encoder_stack(batch_first, mask):
         _check_all_tasks(model, CE, inputs, y)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnsupportedModelError,
-    reason="capture.py: the probe runs under no_grad, where nn.TransformerEncoder turns a padded batch into a "
-    "nested tensor (its sparsity fast path) and the hooked layers fail on it; the real, grad-enabled pass "
-    "never does. Fix: disable torch.backends.mha fast paths during the probe.",
-)
 def test_transformer_encoder_stack_with_padding_mask():
     model = Encoder(True, stack=True, mask="padding").eval()
     inputs, y = _encoder_inputs()

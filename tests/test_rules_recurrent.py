@@ -142,24 +142,13 @@ def test_recurrent_layers_match_truth(case):
         _check_all_tasks(model, _own, inputs)
 
 
-# The capture's tensor hooks receive None for an output that gets no gradient while a sibling output of
-# the same autograd node does; capture.py stores g.detach() unconditionally. This happens for nn.LSTM
-# (no projection) in the time-first layout, whose output, h_n and c_n come from one node on CPU.
-CAPTURE_NONE_GRAD = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="capture.py: _grad_hook does not handle g=None (an output of a multi-output node without gradient)",
-)
-
-
 def _state_only_cases():
     for kind in sorted(KINDS):
         for batch_first in (True, False):
             for use in ("h_n", "c_n"):
                 if use == "c_n" and not kind.startswith("lstm"):
                     continue
-                marks = [CAPTURE_NONE_GRAD] if kind == "lstm" and not batch_first else []
-                yield pytest.param(kind, batch_first, use, marks=marks, id=f"{kind}-{'bf' if batch_first else 'tf'}-{use}")
+                yield pytest.param(kind, batch_first, use, id=f"{kind}-{'bf' if batch_first else 'tf'}-{use}")
 
 
 @pytest.mark.parametrize("kind, batch_first, use", list(_state_only_cases()))
@@ -191,7 +180,6 @@ def _tokens(batch=4, steps=6):
     return torch.randint(0, 12, (batch, steps), generator=g), torch.randint(0, 3, (batch,), generator=g)
 
 
-@CAPTURE_NONE_GRAD
 def test_time_first_lstm_classifier():
     torch.manual_seed(0)
     tokens, y = _tokens()
@@ -223,15 +211,7 @@ class Twice(nn.Module):
 @pytest.mark.parametrize(
     "layers",
     [
-        pytest.param(
-            1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=UnsupportedModelError,
-                reason="capture.py: the probe expands every output of leading size 1 as if broadcast from a batch "
-                "of one, including h_n [1, B, H] of a one-layer RNN, so the next call fails in the probe",
-            ),
-        ),
+        1,
         2,
     ],
 )

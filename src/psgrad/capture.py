@@ -178,6 +178,7 @@ class Capture:
         self._edges: list[Any] = []
         self._on_ready: Callable[[Unit, Call], None] | None = None
         self._error: Exception | None = None
+        self._expanded_any = False
         self._marker = torch.zeros((), requires_grad=True)
         self._open: dict[int, list[int]] = {}
 
@@ -206,6 +207,10 @@ class Capture:
         index = torch.arange(bp) % batch.size
         probe_batch = batch.select(index)
         self._mode = "probe"
+        # Under no_grad, nn.TransformerEncoder may take fused "fast paths" (nested tensors) that the real,
+        # grad-enabled pass never takes; the probe must run the same modules as the real pass.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=_devices(batch)):
                 probe_batch.call(model)
@@ -217,12 +222,23 @@ class Capture:
                 f"every layer): {type(exc).__name__}: {exc}"
             ) from exc
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             self._mode = None
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         self._mode = "record"
+        self._expanded_any = False
         try:
             return batch.call(model)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            if not self._expanded_any:
+                raise
+            raise UnsupportedModelError(
+                "the model failed once an output without batch dimension was expanded over the batch "
+                f"(NOTE [outputs broadcast from a batch of one]): {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             self._mode = None
 
@@ -255,8 +271,12 @@ class Capture:
         self._probes.setdefault(id(unit), []).append((in_shapes, out_shapes))
         changed = False
         for j, t in enumerate(outs):
-            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point():
-                # broadcast candidates are expanded in the probe too, so that it runs what the real pass runs
+            if (
+                isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point()
+                and self.probe_size not in t.shape
+            ):
+                # likely broadcast outputs are expanded in the probe too, so that it runs what the real pass
+                # runs; an output with a dimension of the probe's batch size (h_n: [1, B', H]) is left alone
                 outs[j] = t.expand(self.probe_size, *t.shape[1:])
                 changed = True
         return tree_unflatten(outs, out_spec) if changed else None
@@ -307,6 +327,7 @@ class Capture:
                 if t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point():
                     t = outs[j] = t.expand(b, *t.shape[1:])  # NOTE [outputs broadcast from a batch of one]
                     bdim, expanded, changed = 0, True, True
+                    self._expanded_any = True
                 else:
                     raise UnsupportedModelError(
                         f"output {j} of {unit.label} has no batch dimension (shape {list(t.shape)}), so its "
@@ -325,16 +346,18 @@ class Capture:
 
     # backward --------------------------------------------------------------------------------------
     def _grad_hook(self, unit: Unit, call: Call, j: int) -> Callable[[Tensor], None]:
-        def hook(g: Tensor) -> None:
+        def hook(g: Tensor | None) -> None:
+            # g is None for an output without gradient whose sibling (same autograd node) has one
             if self._error is not None:
                 return
-            if call.expanded[j] and call.batch_size > 1 and not bool(g[1:].any()) and bool(g[0].any()):
+            if g is not None and call.expanded[j] and call.batch_size > 1 and not bool(g[1:].any()) and bool(g[0].any()):
                 self._error = UnsupportedModelError(
                     f"output {j} of {unit.label} is broadcast from a batch of one, but later code only uses its "
                     "first row; per-sample gradients cannot be separated there"
                 )
                 return
-            call.grads[j] = g.detach()
+            if g is not None:
+                call.grads[j] = g.detach()
             call.pending -= 1
             if call.pending == 0 and self._on_ready is not None:
                 call.reported = True
