@@ -32,6 +32,13 @@ def check_model(model: nn.Module, where: str) -> None:
                     "with statistics of the whole batch, so per-sample gradients are undefined; replace it with "
                     "nn.GroupNorm, or call model.eval() to use its running statistics"
                 )
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None:
+            raise PsgradError(
+                f"{where}: {label} ({type(m).__name__}) has max_norm={m.max_norm}, which renormalises rows of its "
+                "weight in place during every forward: the parameter changes while the gradients are taken, so "
+                "per-sample gradients are undefined (and the call would modify the model); set max_norm=None "
+                "and renormalise between steps if needed"
+            )
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.scale_grad_by_freq:
             raise PsgradError(
                 f"{where}: {label} ({type(m).__name__}) has scale_grad_by_freq=True, which divides each gradient "
