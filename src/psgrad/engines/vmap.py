@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .._batch import Batch, as_args_kwargs, check_losses, map_tensors
+from .._errors import PsgradError, UnsupportedModelError
 from .base import Engine, LossFn, write
 
 
@@ -42,6 +43,11 @@ class VmapEngine(Engine):
 
         targets = batch.targets if has_targets else torch.zeros(batch.size)
         per_sample = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="same")
-        grads, losses = per_sample(trainable, batch.inputs, targets)
+        try:
+            grads, losses = per_sample(trainable, batch.inputs, targets)
+        except PsgradError:
+            raise
+        except RuntimeError as exc:  # torch.func cannot batch some operators (e.g. RNN kernels, packed sequences)
+            raise UnsupportedModelError(f"torch.func cannot run this model per example: {exc}") from exc
         return write(out, dict(grads)), losses
 
