@@ -269,3 +269,22 @@ def test_stock_torchvision_mobilenet_in_eval_mode():
     model = models.mobilenet_v3_small(num_classes=5).eval()
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     assert_engine_exact(model, CE, x, y, engine="hooks")
+
+
+class Template(nn.Module):
+    """A conv applied to a batch-free [1, H, W] buffer, then broadcast against [B, 1, H, W] inputs: expanding
+    the conv's output to [B, H, W] would broadcast to [B, B, H, W], another model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3)
+        self.register_buffer("template", torch.randn(1, 5, 5))
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):  # [B, 1, 3, 3]
+        return self.head((self.conv(self.template) * x).flatten(1))
+
+
+def test_expanding_a_batch_free_output_must_not_change_the_model():
+    torch.manual_seed(0)
+    _refused_then_auto_is_exact(Template().eval(), torch.randn(4, 1, 3, 3), torch.randint(0, 3, (4,)))

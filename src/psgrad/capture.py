@@ -24,9 +24,14 @@ NOTE [outputs broadcast from a batch of one]
 A layer whose inputs carry no batch dimension (an embedding of ``[1, T]`` position ids) produces an output
 of leading size 1 that later code broadcasts against the batch. Its captured output gradient would be the
 sum over the batch. The forward hook therefore returns that output expanded to B along dimension 0: the
-values downstream are unchanged, and the gradient of the expanded tensor holds one row per example. If
-later code indexed that row instead of broadcasting, only row 0 would get a gradient; that pattern is
-detected in backward and refused.
+values downstream are unchanged, and the gradient of the expanded tensor holds one row per example.
+That is only true if later code broadcasts dimension 0 against the batch. Two checks make sure it does:
+when the probe meets outputs of leading size 1, it runs again at another small batch size, once as is (an
+output whose shape does not change with the batch is batch-free) and once with the batch-free ones
+expanded, and the model's outputs must be the same (a ``[1, H, W]`` output times a ``[B, 1, H, W]`` input
+would become ``[B, B, H, W]``); and if
+later code indexes row 0 instead of broadcasting, only row 0 gets a gradient, which backward detects. An
+output that fails either check, or that has no batch dimension but is not of this form, is refused.
 
 NOTE [parameters used outside their module]
 A parameter's gradient is only complete if every use of it lies inside a call of a unit that
@@ -174,6 +179,14 @@ class Capture:
         self.probe_size = 3 if batch_size == 2 else 2
         self._mode: str | None = None
         self._probes: dict[int, list[tuple[list[torch.Size | None], list[torch.Size | None]]]] = {}
+        # (unit, call, output) keys: outputs of leading size 1; of those, the batch-free ones; of those, the
+        # ones the probe showed safe to expand
+        self._leading_one: set[tuple[int, int, int]] = set()
+        self._candidates: set[tuple[int, int, int]] = set()
+        self._expandable: set[tuple[int, int, int]] = set()
+        self._shapes_again: dict[tuple[int, int, int], torch.Size] = {}
+        self._calls_seen: dict[int, int] = {}
+        self._size = self.probe_size
         self._handles: list[Any] = []
         self._edges: list[Any] = []
         self._on_ready: Callable[[Unit, Call], None] | None = None
@@ -202,28 +215,44 @@ class Capture:
 
     # forward ---------------------------------------------------------------------------------------
     def probe(self, model: nn.Module, batch: Batch) -> None:
-        """Forward B' examples without autograd to learn where each captured tensor keeps the batch."""
-        bp = self.probe_size
-        index = torch.arange(bp) % batch.size
-        probe_batch = batch.select(index)
-        self._mode = "probe"
+        """Forward B' examples without autograd to learn where each captured tensor keeps the batch, and
+        whether outputs without batch dimension may be expanded (NOTE [outputs broadcast from a batch of one])."""
         # Under no_grad, nn.TransformerEncoder may take fused "fast paths" (nested tensors) that the real,
         # grad-enabled pass never takes; the probe must run the same modules as the real pass.
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=_devices(batch)):
-                probe_batch.call(model)
+                self._run_probe(model, batch, self.probe_size, "probe")
+                self._expandable = set()
+                if self._leading_one:
+                    size = next(n for n in (4, 5, 6) if n not in (self.batch_size, self.probe_size))
+                    self._shapes_again = {}
+                    plain = self._run_probe(model, batch, size, "probe-again")
+                    self._candidates = {
+                        key for key in self._leading_one if self._shapes_again.get(key) == self._out_shape(key)
+                    }
+                    if self._candidates and _same_outputs(plain, self._run_probe(model, batch, size, "probe-expanded")):
+                        self._expandable = set(self._candidates)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            self._mode = None
+
+    def _run_probe(self, model: nn.Module, batch: Batch, size: int, mode: str) -> Any:
+        self._mode, self._calls_seen, self._size = mode, {}, size
+        try:
+            return batch.select(torch.arange(size) % batch.size).call(model)
         except UnsupportedModelError:
             raise
         except Exception as exc:
             raise UnsupportedModelError(
-                f"the model failed on a probe batch of {bp} examples (used to locate the batch dimension in "
+                f"the model failed on a probe batch of {size} examples (used to locate the batch dimension in "
                 f"every layer): {type(exc).__name__}: {exc}"
             ) from exc
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            self._mode = None
+
+    def _out_shape(self, key: tuple[int, int, int]) -> torch.Size | None:
+        unit, index, j = key
+        return self._probes[unit][index][1][j]
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         self._mode = "record"
@@ -255,7 +284,7 @@ class Capture:
 
     def _hook(self, unit: Unit) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            if self._mode == "probe":
+            if self._mode in ("probe", "probe-again", "probe-expanded"):
                 return self._probe_hook(unit, args, kwargs, output)
             if self._mode == "record":
                 return self._record_hook(unit, args, kwargs, output)
@@ -264,22 +293,29 @@ class Capture:
         return hook
 
     def _probe_hook(self, unit: Unit, args: tuple, kwargs: dict, output: Any) -> Any:
-        leaves, _ = tree_flatten((args, kwargs))
+        index = self._calls_seen.get(id(unit), 0)
+        self._calls_seen[id(unit)] = index + 1
         outs, out_spec = tree_flatten(output)
-        in_shapes = [t.shape if isinstance(t, Tensor) else None for t in leaves]
-        out_shapes = [t.shape if isinstance(t, Tensor) else None for t in outs]
-        self._probes.setdefault(id(unit), []).append((in_shapes, out_shapes))
-        changed = False
-        for j, t in enumerate(outs):
-            if (
-                isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point()
-                and self.probe_size not in t.shape
-            ):
-                # likely broadcast outputs are expanded in the probe too, so that it runs what the real pass
-                # runs; an output with a dimension of the probe's batch size (h_n: [1, B', H]) is left alone
-                outs[j] = t.expand(self.probe_size, *t.shape[1:])
-                changed = True
-        return tree_unflatten(outs, out_spec) if changed else None
+        if self._mode == "probe":
+            leaves, _ = tree_flatten((args, kwargs))
+            in_shapes = [t.shape if isinstance(t, Tensor) else None for t in leaves]
+            out_shapes = [t.shape if isinstance(t, Tensor) else None for t in outs]
+            self._probes.setdefault(id(unit), []).append((in_shapes, out_shapes))
+            for j, t in enumerate(outs):
+                if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point():
+                    self._leading_one.add((id(unit), index, j))
+        elif self._mode == "probe-again":
+            for j, t in enumerate(outs):
+                if isinstance(t, Tensor):
+                    self._shapes_again[(id(unit), index, j)] = t.shape
+        elif self._mode == "probe-expanded":
+            changed = False
+            for j, t in enumerate(outs):
+                if (id(unit), index, j) in self._candidates:
+                    outs[j] = t.expand(self._size, *t.shape[1:])
+                    changed = True
+            return tree_unflatten(outs, out_spec) if changed else None
+        return None
 
     def _record_hook(self, unit: Unit, args: tuple, kwargs: dict, output: Any) -> Any:
         start = self._open[id(unit)].pop()
@@ -324,14 +360,15 @@ class Capture:
             bdim = _batch_dim(t.shape, out_probe[j], b, bp, lambda j=j: f"output {j} of {unit.label}")
             expanded = False
             if bdim is None and t.requires_grad:
-                if t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point():
+                if (id(unit), index, j) in self._expandable:
                     t = outs[j] = t.expand(b, *t.shape[1:])  # NOTE [outputs broadcast from a batch of one]
                     bdim, expanded, changed = 0, True, True
                     self._expanded_any = True
                 else:
                     raise UnsupportedModelError(
                         f"output {j} of {unit.label} has no batch dimension (shape {list(t.shape)}), so its "
-                        "gradient mixes all examples"
+                        "gradient mixes all examples, and it cannot be expanded over the batch without changing "
+                        "the model (NOTE [outputs broadcast from a batch of one])"
                     )
             call.out_bdims.append(bdim)
             call.out_shapes.append(t.shape)
@@ -422,6 +459,27 @@ def _parameter_consumers(root: Any) -> Iterator[tuple[Any, Tensor]]:
                 yield node, variable
             elif id(nxt) not in seen:
                 stack.append(nxt)
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    """Whether two model outputs have the same structure, shapes and (to float rounding) values."""
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, Tensor) != isinstance(y, Tensor):
+            return False
+        if isinstance(x, Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+            if x.is_floating_point():
+                tol = torch.finfo(x.dtype).eps ** 0.5
+                if not torch.allclose(x, y, rtol=tol, atol=tol * float(x.abs().max()) if x.numel() else 0.0):
+                    return False
+            elif not torch.equal(x, y):
+                return False
+    return True
 
 
 def _devices(batch: Batch) -> list[int]:
