@@ -221,3 +221,23 @@ def test_results_go_to_an_ignored_folder_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _default_path("seed")
     assert path.parts[0] == "results" and path.name.startswith("bench-seed-") and path.suffix == ".json"
+
+
+def test_max_time_stops_further_repeats_but_times_one_call():
+    import time
+
+    from psgrad.bench.measure import summarize, time_calls
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.02)
+        return len(calls)
+
+    times, warmups, last = time_calls(step, torch.device("cpu"), warmup=1, repeats=5, max_time=0.03)
+    assert len(times) == 1 and len(warmups) == 1 and len(calls) == 2 and last == 2
+    times, _, _ = time_calls(step, torch.device("cpu"), warmup=0, repeats=3, max_time=None)
+    assert len(times) == 3
+    stats = summarize(times)
+    assert stats["rounds"] == 3 and stats["min"] <= stats["median"] and stats["iqr"] >= 0

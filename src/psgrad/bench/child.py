@@ -59,12 +59,13 @@ def measure_row(spec: RowSpec) -> dict[str, Any]:
         step = _make_step(spec, w, device, max_norm)
         memory = PeakMemory(device)
         memory.start()
-        times, result = time_calls(step, device, spec.warmup, spec.repeats)
+        times, warmups, result = time_calls(step, device, spec.warmup, spec.repeats, spec.max_time)
         row["peak_memory_bytes"] = memory.peak()
         getattr(step, "close", lambda: None)()
         row["extra"]["memory_before_bytes"] = memory.before
         row["extra"]["memory_method"] = memory.method
         row["stats"] = summarize(times)
+        row["extra"]["warmup_seconds"] = warmups
     except Exception as exc:  # the failure of an engine is a row of the results, not the end of the run
         row["status"], row["reason"] = _classify(exc)
         return row
@@ -286,7 +287,8 @@ def _describe(exc: BaseException) -> str:
 
 def _classify(exc: BaseException) -> tuple[str, str]:
     message = str(exc).lower()
-    oom = isinstance(exc, MemoryError) or isinstance(exc, torch.OutOfMemoryError) or (
+    cuda_oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    oom = isinstance(exc, (MemoryError, cuda_oom)) or (
         isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message))
     return ("oom" if oom else "error"), _describe(exc)
 

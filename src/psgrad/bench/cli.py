@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -84,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     what.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     what.add_argument("--warmup", type=_count(0), default=1, help="untimed calls first (default: 1)")
     what.add_argument("--repeats", type=_count(1), default=3, help="timed calls; the median is reported (default: 3)")
+    what.add_argument("--max-time", type=float, default=30.0, metavar="S",
+                      help="no further repeat of a row starts once its calls took S seconds, warm-up included; "
+                           "at least one is timed, and the rounds are recorded; 0: no limit (default: 30)")
     what.add_argument("--examples", type=_count(1), default=2,
                       help="rows of the timed result checked against the float64 loop (default: 2)")
     what.add_argument("--timeout", type=float, default=600.0, help="seconds a row may run (default: 600)")
@@ -108,7 +112,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``psgrad bench``; returns the exit status."""
     p = parser()
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.argv = argv
     if args.fail_if_slower is not None and args.compare is None:
         p.error("--fail-if-slower needs --compare OLD.json")
     from rich.console import Console
@@ -121,13 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.render:
             document = report.load(args.render)
         else:
-            document = _run(args, p)
+            document = _run(args)
             if document is None:
                 return 0
     except ValueError as exc:
         print(f"psgrad bench: {exc}", file=sys.stderr)
         return 2
-    console.print(report.rich_table(document))
+    if args.markdown_path != "-":  # markdown on stdout stands alone, e.g. to paste into benchmarks/README.md
+        console.print(report.rich_table(document))
     if not args.render:
         console.print(f"results: {document['settings']['json_path']}")
     if args.csv_path:
@@ -155,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any] | None:
+def _run(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from psgrad import workloads as registry
@@ -180,7 +187,8 @@ def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
     rows = planning.make_plan(names, sizes, args.engines, args.task, device, warmup=args.warmup,
-                              repeats=args.repeats, examples=args.examples, caps=caps)
+                              repeats=args.repeats, examples=args.examples, max_time=args.max_time or None,
+                              caps=caps)
     if args.list:
         for planned in rows:
             s = planned.spec
@@ -195,8 +203,8 @@ def _run(args: argparse.Namespace, p: argparse.ArgumentParser) -> dict[str, Any]
     settings = {
         "suite": suite, "workloads": names, "batch_sizes": sizes, "engines": args.engines, "task": args.task,
         "device": device, "warmup": args.warmup, "repeats": args.repeats, "examples": args.examples,
-        "timeout_s": args.timeout, "memory_budget_bytes": budget, "caps": caps,
-        "command": "psgrad bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "max_time_s": args.max_time or None, "timeout_s": args.timeout, "memory_budget_bytes": budget, "caps": caps,
+        "command": shlex.join(["psgrad", "bench", *args.argv]),
         "duration_s": round(time.perf_counter() - started, 1), "interrupted": interrupted, "json_path": str(json_path),
     }
     document = report.build_document(results, settings, machine_info(), commit_info())
@@ -216,6 +224,7 @@ def _default_path(suite: str) -> Path:
 
 def _with_progress(rows: list[Any], timeout: float, budget: int | None) -> tuple[list[Any], bool]:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -235,13 +244,14 @@ def _with_progress(rows: list[Any], timeout: float, budget: int | None) -> tuple
         bar = progress.add_task("starting", total=len(rows))
 
         def start(i: int, spec: Any) -> None:
-            progress.update(bar, description=f"{spec.workload} B={spec.batch_size} {spec.label}")
+            progress.update(bar, description=escape(f"{spec.workload} B={spec.batch_size} {spec.label}"))
 
         def done(i: int, spec: Any, result: dict[str, Any]) -> None:
             status = result["status"]
             style = STATUS_STYLE.get(status, "")
             detail = seconds(result["stats"].get("median")) if status in ("ok", "mismatch") else result["reason"][:90]
-            progress.console.print(f"{spec.workload} B={spec.batch_size} {spec.label}: [{style}]{status}[/] {detail}")
+            label = escape(f"{spec.workload} B={spec.batch_size} {spec.label}")
+            progress.console.print(f"{label}: [{style}]{status}[/] {escape(detail)}", soft_wrap=True)
             progress.advance(bar)
             results.append((spec, result))
 

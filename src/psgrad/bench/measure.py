@@ -72,25 +72,37 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> tuple[list[float], Any]:
-    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` untimed ones, and the last result.
+def time_calls(
+    step: Callable[[], Any], device: torch.device, warmup: int, repeats: int, max_time: float | None = None
+) -> tuple[list[float], list[float], Any]:
+    """Seconds of each of ``repeats`` calls of ``step`` after ``warmup`` ones (also timed, but not counted),
+    the seconds of the warm-up calls, and the last result.
 
-    The previous result is released before each call, so a call never pays for holding two results.
+    With ``max_time``, no further repeat starts once the calls so far (warm-up included) took that many
+    seconds; at least one call is always timed. The previous result is released before each call, so a
+    call never pays for holding two results.
     """
     result = None
+    warmups: list[float] = []
     for _ in range(warmup):
         result = None
+        start = time.perf_counter()
         result = step()
         synchronize(device)
-    times = []
+        warmups.append(time.perf_counter() - start)
+    spent = sum(warmups)
+    times: list[float] = []
     for _ in range(repeats):
+        if times and max_time is not None and spent >= max_time:
+            break
         result = None
         synchronize(device)
         start = time.perf_counter()
         result = step()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times, result
+        spent += times[-1]
+    return times, warmups, result
 
 
 def summarize(times: list[float]) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def make_plan(
     warmup: int = 1,
     repeats: int = 3,
     examples: int = 2,
+    max_time: float | None = None,
     caps: dict[str, int] | None = None,
 ) -> list[Planned]:
     """Rows per (workload, batch size): ``plain``, ``ref``, then each engine and mode (see the module doc)."""
@@ -84,7 +85,8 @@ def make_plan(
         for batch in batch_sizes:
             def row(engine: str, mode: str = "fresh", variant: str = "", note: str = "", workload: str = workload,
                     batch: int = batch) -> RowSpec:
-                return RowSpec(workload, task, batch, engine, mode, device, variant, warmup, repeats, examples, note)
+                return RowSpec(workload, task, batch, engine, mode, device, variant, warmup, repeats, examples, note,
+                               max_time)
 
             plan += [Planned(row("plain")), Planned(row("ref"))]
             for engine in chosen:

@@ -62,6 +62,8 @@ def plot(document: dict[str, Any], path: str | Path) -> Path:
                         {"color": "grey", "linestyle": ":", "linewidth": 1.4}
                     line = ax.axhline(ys[0], **kw) if len(sizes) == 1 else ax.plot(xs, ys, **kw)[0]
                 else:
+                    if len(sizes) == 1:  # one batch size: spread the markers a little so that none hides another
+                        xs = tuple(x * 2 ** (0.05 * (labels.index(label) - (len(labels) - 1) / 2)) for x in xs)
                     line = ax.plot(xs, ys, marker=style[label], color=colour[label], linewidth=1.2,
                                    markersize=6)[0]
                 handles.setdefault(label, line)
@@ -74,7 +76,8 @@ def plot(document: dict[str, Any], path: str | Path) -> Path:
             ax.set_xticks(sizes)
             ax.set_xticklabels([str(s) for s in sizes])
             if len(sizes) == 1:
-                ax.set_xlim(sizes[0] / 1.5, sizes[0] * 1.5)
+                ax.set_xlim(sizes[0] / 1.6, sizes[0] * 1.6)
+                ax.set_xticks([], minor=True)
             ax.grid(True, which="both", alpha=0.3)
             if row == 0:
                 ax.set_title(workload)

@@ -123,6 +123,8 @@ def load(path: str | Path) -> dict[str, Any]:
 def seconds(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
+    if x == 0:
+        return "0"
     if x < 1e-3:
         return f"{x * 1e6:.0f} us"
     if x < 1:
@@ -151,19 +153,25 @@ def title(document: dict[str, Any]) -> str:
     gpu = document.get("machine_info", {}).get("gpu")
     where = gpu["name"] if gpu and str(s.get("device", "")).startswith("cuda") else (
         f"{cpu.get('model', '?')}, {cpu.get('torch_threads', '?')} threads")
+    limit = f" within {s['max_time_s']:g} s" if s.get("max_time_s") else ""
     return (f"psgrad bench: task {s.get('task', '?')} on {s.get('device', '?')} ({where}); "
-            f"{s.get('warmup', '?')} warm-up, median of {s.get('repeats', '?')}")
+            f"{s.get('warmup', '?')} warm-up, median of up to {s.get('repeats', '?')} repeats{limit}")
 
 
 COLUMNS = ["workload", "B", "engine", "status", "median", "IQR", "x plain", "x ref", "peak mem", "mem x plain",
            "max rel err (checked)", "reason / note"]
 
 
-def table_rows(document: dict[str, Any], width: int | None = 90) -> list[list[str]]:
+def table_rows(document: dict[str, Any], width: int | None = 160) -> list[list[str]]:
+    """One list of cells per row (``COLUMNS``); reasons longer than ``width`` are cut (the JSON has them whole)."""
     rows = []
+    wanted = document.get("settings", {}).get("repeats")
     for e in document["benchmarks"]:
         p, st, r = e["params"], e.get("stats", {}), e.get("ratios", {})
-        text = "; ".join(t for t in (e.get("reason", ""), e.get("note", "")) if t)
+        cut = ""
+        if e["status"] in TIMED and wanted and 0 < (st.get("rounds") or 0) < wanted:
+            cut = f"{st['rounds']} of {wanted} repeats (--max-time)"
+        text = "; ".join(t for t in (e.get("reason", ""), cut, e.get("note", "")) if t)
         if width and len(text) > width:
             text = text[: width - 3] + "..."
         rows.append([
@@ -181,18 +189,20 @@ STATUS_STYLE = {"ok": "green", "mismatch": "bold red", "error": "red", "oom": "r
 
 def rich_table(document: dict[str, Any]) -> Any:
     """A ``rich.table.Table`` of the document's rows, one section per workload and batch size."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title(document), title_justify="left", header_style="bold")
+    table = Table(title=escape(title(document)), title_justify="left", header_style="bold")
     for name in COLUMNS:
         right = name in ("B", "median", "IQR", "x plain", "x ref", "peak mem", "mem x plain")
         table.add_column(name, justify="right" if right else "left", overflow="fold",
                          max_width=60 if name == "reason / note" else None)
-    rows = table_rows(document, width=None)
+    rows = table_rows(document)
     entries = document["benchmarks"]
     for i, (row, e) in enumerate(zip(rows, entries)):
         last = i + 1 == len(entries) or _group(entries[i + 1]["params"]) != _group(e["params"])
         style = STATUS_STYLE.get(e["status"], "")
+        row = [escape(cell) for cell in row]  # labels such as "opacus [oop]" are text, not markup
         row[3] = f"[{style}]{row[3]}[/]" if style else row[3]
         table.add_row(*row, end_section=last)
     return table
@@ -207,7 +217,7 @@ def markdown(document: dict[str, Any]) -> str:
              "| " + " | ".join(COLUMNS) + " |",
              "|" + "|".join("---:" if c in ("B", "median", "IQR", "x plain", "x ref", "peak mem", "mem x plain")
                             else "---" for c in COLUMNS) + "|"]
-    for row in table_rows(document, width=None):
+    for row in table_rows(document):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -264,16 +274,17 @@ def compare(new: dict[str, Any], old: dict[str, Any], fail_if_slower: float | No
 
 
 def compare_table(changes: list[dict[str, Any]], old_path: str, fail_if_slower: float | None) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     limit = f", failing above +{fail_if_slower:g}%" if fail_if_slower is not None else ""
-    table = Table(title=f"change against {old_path}{limit}", title_justify="left", header_style="bold")
+    table = Table(title=escape(f"change against {old_path}{limit}"), title_justify="left", header_style="bold")
     for name in ("row", "old median", "new median", "change", "verdict"):
         table.add_column(name, justify="right" if name in ("old median", "new median", "change") else "left")
     for c in changes:
         pct = "-" if c["change_pct"] is None else f"{c['change_pct']:+.1f}%"
-        verdict = c["verdict"]
+        verdict = escape(c["verdict"])
         if verdict == "SLOWER" or verdict.startswith("now "):
             verdict = f"[bold red]{verdict}[/]"
-        table.add_row(c["label"], seconds(c["old"]), seconds(c["new"]), pct, verdict)
+        table.add_row(escape(c["label"]), seconds(c["old"]), seconds(c["new"]), pct, verdict)
     return table

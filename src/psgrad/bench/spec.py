@@ -36,6 +36,7 @@ class RowSpec:
     repeats: int = 3
     examples: int = 2
     note: str = ""
+    max_time: float | None = None
 
     def params(self) -> dict[str, Any]:
         return {
