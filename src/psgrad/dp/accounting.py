@@ -243,22 +243,31 @@ def noise_multiplier_for(
     if not 0 < rtol < 1:
         raise PsgradError(f"{where}: rtol must be in (0, 1), got {rtol!r}")
 
-    def eps(sigma: float) -> float:
-        return epsilon_for(q, sigma, steps, delta, method)
+    seen: dict[float, float] = {}
 
+    def eps(sigma: float) -> float:
+        if sigma not in seen:
+            seen[sigma] = epsilon_for(q, sigma, steps, delta, method)
+        return seen[sigma]
+
+    # Bracket geometrically from sigma = 1: small sigmas are the costly points (PLD above all), so only
+    # go down as far as needed.
     if eps(1.0) > target_epsilon:
-        lo, hi = 1.0, _SIGMA_HIGH
-        top = eps(hi)
-        if top > target_epsilon:
-            raise PsgradError(
-                f"{where}: target epsilon {target_epsilon} is unreachable with q={q}, {steps} steps, delta={delta} "
-                f"and the {method} accountant: even noise_multiplier={hi:g} gives epsilon {top:.4g}; "
-                "raise the target, lower the sample rate or the number of steps, or raise delta"
-            )
-    else:  # sigma = 1 already suffices: search below it
-        lo, hi = _SIGMA_LOW, 1.0
-        if eps(lo) <= target_epsilon:
-            return lo
+        lo, hi = 1.0, 4.0
+        while eps(hi) > target_epsilon:
+            if hi >= _SIGMA_HIGH:
+                raise PsgradError(
+                    f"{where}: target epsilon {target_epsilon} is unreachable with q={q}, {steps} steps, "
+                    f"delta={delta} and the {method} accountant: even noise_multiplier={hi:g} gives epsilon "
+                    f"{eps(hi):.4g}; raise the target, lower the sample rate or the number of steps, or raise delta"
+                )
+            lo, hi = hi, min(4 * hi, _SIGMA_HIGH)
+    else:
+        lo, hi = 0.5, 1.0
+        while eps(lo) <= target_epsilon:
+            if lo <= _SIGMA_LOW:
+                return lo
+            lo, hi = max(lo / 2, _SIGMA_LOW), lo
     # Invariant: eps(lo) > target >= eps(hi).
     while hi / lo > 1 + rtol:
         mid = math.sqrt(lo * hi)

@@ -65,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplier", type=float, default=None,
                    help="use this noise multiplier instead of deriving one from --epsilon")
     p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) (default 1e-5)")
-    p.add_argument("--epochs", type=_positive(int), default=40, help="passes of round(1/q) steps (default 40)")
+    p.add_argument("--epochs", type=_positive(int), default=20, help="passes of round(1/q) steps (default 20)")
     p.add_argument("--batch-size", type=_positive(int), default=256,
                    help="expected batch size; q = batch size / N (default 256)")
     p.add_argument("--max-norm", type=float, default=1.0, help="clipping bound C (default 1.0)")
     p.add_argument("--clipping", choices=CLIPPING, default="flat", help="clipping mode (default flat)")
-    p.add_argument("--lr", type=float, default=2.0, help="SGD learning rate (default 2.0)")
+    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (default 0.5)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     p.add_argument("--accountant", choices=METHODS, default="rdp", help="dp_accounting method (default rdp)")
     p.add_argument("--secure-noise", action="store_true",
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", help="psgrad engine for the clipped sums (default auto)")
     p.add_argument("--physical-batch-size", type=_positive(int), default=None,
                    help="split each logical batch into physical batches of at most this size")
+    p.add_argument("--threads", type=_positive(int), default=1,
+                   help="torch intra-op threads (default 1: the convnet is small, and extra threads mostly wait)")
     p.add_argument("--seed", type=int, default=0, help="model, sampling and noise seed (default 0)")
     p.add_argument("--width", type=_positive(int), default=16, help="convnet width (default 16)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save the run here after every epoch")
@@ -155,7 +157,7 @@ class _Reporter:
             self.console.print(text, markup=False, soft_wrap=True)
 
     def progress(self):
-        if self.console is None:
+        if self.console is None or not self.console.is_terminal:  # a bar is noise in a log file
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -301,9 +303,9 @@ def run_opacus(args: argparse.Namespace, data: Digits, q: float, sigma: float, r
     model, opt = _model(args)
     loader = _loader(args, data, q)
     generator = None if args.secure_noise else torch.Generator().manual_seed(args.seed + 1)
-    engine = PrivacyEngine(secure_mode=args.secure_noise)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about secure mode and its own accountant's defaults
+        warnings.simplefilter("ignore")  # Opacus's advice on secure mode, printed on every construction
+        engine = PrivacyEngine(secure_mode=args.secure_noise)
         wrapped, dp_opt, loader = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_norm,
             poisson_sampling=False,  # the loader already samples (our PoissonSampler, same seed as psgrad's run)
@@ -316,7 +318,9 @@ def run_opacus(args: argparse.Namespace, data: Digits, q: float, sigma: float, r
 
     def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
         dp_opt.zero_grad()
-        nn.functional.cross_entropy(wrapped(xb), yb).backward()
+        with warnings.catch_warnings():  # Opacus's full backward hooks on the first layer, whose input needs no grad
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            nn.functional.cross_entropy(wrapped(xb), yb).backward()
         dp_opt.step()
         accountant.step(q, sigma)
         return None, len(yb)
@@ -352,10 +356,18 @@ def _plot(path: str, runs: list[Run], title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``psgrad train`` with these arguments; returns the exit status."""
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace) -> int:
     report = _Reporter()
     try:
         _check(args)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
+        torch.set_num_threads(args.threads)
         data = load_digits()
         n = len(data.y_train)
         q = min(1.0, args.batch_size / n)
@@ -404,7 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json_path, "w") as f:
             json.dump(_finite(doc), f, indent=2, allow_nan=False)
     if args.plot:
-        title = f"digits, noise multiplier {sigma:.3g}, delta {args.delta:g}" if sigma else "digits, non-private"
+        if sigma is None:
+            title = "digits, non-private"
+        elif args.noise_multiplier is None:
+            target = DEFAULT_EPSILON if args.epsilon is None else args.epsilon
+            title = f"digits: target eps {target:g} at delta {args.delta:g}, noise multiplier {sigma:.3g}"
+        else:
+            title = f"digits: noise multiplier {sigma:.3g}, delta {args.delta:g}"
         _plot(args.plot, runs, title)
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -44,9 +45,9 @@ class NoiseSource(Protocol):
 class SeededNoise:
     """Standard normal noise from a seeded ``torch.Generator``: reproducible and resumable.
 
-    Noise for a parameter of shape ``s`` is ``torch.randn(s, generator=g, dtype=dtype)`` drawn on the
-    generator's device, then moved to the parameter's device; :class:`~psgrad.dp.DPSGD` draws the
-    parameters in ``model.named_parameters()`` order.
+    A draw of shape ``s`` is ``torch.randn(s, generator=g, dtype=dtype)`` on the generator's device, moved
+    to the requested device. :class:`~psgrad.dp.DPSGD` makes one flat draw per step (per dtype and device
+    of its parameters) and splits it over the parameters in ``model.named_parameters()`` order.
 
     Args:
         seed (int, optional): the generator's seed. Default: a seed drawn from the OS (not reproducible).
@@ -115,14 +116,18 @@ class SecureNoise:
 
 
 def _secure_bits(n: int) -> Tensor:
-    """``n`` integers uniform on [0, 2**53) from the OS's secure source, as int64."""
-    raw = torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
-    return raw & _MANTISSA
+    """``n`` integers uniform on [0, 2**53) from the OS's secure source, as float64 (exact: below 2**53)."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.float64)
+    with warnings.catch_warnings():  # the bytes object is read-only; it is only read (``&`` makes a new tensor)
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(os.urandom(8 * n), dtype=torch.int64)
+    return (raw & _MANTISSA).to(torch.float64)
 
 
 def secure_uniform(n: int) -> Tensor:
     """``n`` float64 uniforms on [0, 1), multiples of 2**-53, from ``os.urandom``."""
-    return _secure_bits(n).to(torch.float64).mul_(2.0**-53)
+    return _secure_bits(n).mul_(2.0**-53)
 
 
 def secure_normal(n: int) -> Tensor:
@@ -140,9 +145,10 @@ def secure_normal(n: int) -> Tensor:
         torch.Size([4])
     """
     pairs = (n + 1) // 2
-    bits = _secure_bits(2 * pairs).to(torch.float64)
-    u1 = (bits[:pairs] + 1.0).mul_(2.0**-53)  # (0, 1]: log(u1) is finite
-    u2 = bits[pairs:].mul_(2.0**-53)  # [0, 1)
-    radius = u1.log_().mul_(-2.0).sqrt_()
-    angle = u2.mul_(2.0 * math.pi)
-    return torch.cat([radius * angle.cos(), radius * angle.sin()])[:n]
+    bits = _secure_bits(2 * pairs)
+    radius = bits[:pairs].add_(1.0).mul_(2.0**-53).log_().mul_(-2.0).sqrt_()  # u1 in (0, 1]: log is finite
+    angle = bits[pairs:].mul_(2.0 * math.pi * 2.0**-53)  # 2 pi u2, u2 in [0, 1)
+    out = torch.empty(2 * pairs, dtype=torch.float64)
+    torch.mul(radius, torch.cos(angle), out=out[:pairs])
+    torch.mul(radius, torch.sin(angle), out=out[pairs:])
+    return out[:n]

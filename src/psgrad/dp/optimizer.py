@@ -65,6 +65,9 @@ class DPSGD:
     ``noise_multiplier * C`` once, divides by the expected batch size ``sample_rate * dataset_size``,
     writes the result to each trainable parameter's ``.grad`` (replacing what was there) and calls
     ``optimizer.step()``; the accountant then counts the step. Do not call ``loss.backward()`` yourself.
+    The noise of a step is one flat draw of P standard normals from the noise source (P trainable values;
+    one draw per dtype and device where they differ), split over the parameters in
+    ``model.named_parameters()`` order.
 
     Args:
         model (nn.Module): the model; its trainable parameters are the ones privatized.
@@ -195,12 +198,11 @@ class DPSGD:
         Returns:
             StepRecord: the step's number, size and clipped count.
         """
-        for name, p in self.params.items():
-            z = self.noise.standard_normal(p.shape, p.dtype, p.device)
+        for name, z in self._draw_noise().items():
             total = z.mul_(self.noise_std)
             if name in self._sums:
-                total = total.add_(self._sums[name].to(p.dtype))
-            p.grad = total.div_(self.expected_batch_size)
+                total = total.add_(self._sums[name].to(total.dtype))
+            self.params[name].grad = total.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(self.sample_rate, self.noise_multiplier)
         self.steps += 1
@@ -208,6 +210,19 @@ class DPSGD:
         self.records.append(record)
         self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
         return record
+
+    def _draw_noise(self) -> dict[str, Tensor]:
+        """Standard normal noise for every parameter: one flat draw per (dtype, device), split in order."""
+        groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+        for name, p in self.params.items():
+            groups.setdefault((p.dtype, p.device), []).append(name)
+        noise: dict[str, Tensor] = {}
+        for (dtype, device), names in groups.items():
+            sizes = [self.params[n].numel() for n in names]
+            flat = self.noise.standard_normal((sum(sizes),), dtype, device)
+            for name, part in zip(names, flat.split(sizes)):
+                noise[name] = part.view(self.params[name].shape)
+        return noise
 
     def train_step(self, inputs: Any, targets: Tensor | None, *, physical_batch_size: int | None = None) -> StepRecord:
         """One logical step on a Poisson-sampled batch, fed in physical batches of at most this size.
