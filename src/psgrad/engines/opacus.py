@@ -3,10 +3,10 @@
 The adapter is faithful: it returns what Opacus computes, right or wrong, so that the verifier can show
 it. It wraps the user's model as Opacus does; every hook and attribute Opacus adds is removed afterwards.
 
-Opacus records activations only for modules in training mode. The layers it computes per-sample
-gradients for by formula (Linear, ConvNd, GroupNorm, LayerNorm, RMSNorm, Embedding, InstanceNorm without
-running statistics) compute the same in both modes, so the adapter switches just those to training mode
-for the call; every other module (Dropout, BatchNorm, the user's own) keeps its mode.
+Opacus records activations only for modules in training mode. Layers that compute the same in both
+modes (Linear, ConvNd, GroupNorm, LayerNorm, RMSNorm, Embedding, InstanceNorm without running statistics,
+and MultiheadAttention and recurrent layers without dropout) are switched to training mode for the call;
+every other module (Dropout, BatchNorm, the user's own) keeps its mode.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class OpacusEngine(Engine):
     ) -> tuple[dict[str, Tensor], Tensor]:
         grad_sample = require("opacus.grad_sample", "peers", "the opacus engine")
         for m in model.modules():
-            if isinstance(m, _MODE_FREE) and not getattr(m, "track_running_stats", False):
+            if _mode_free(m):
                 m.train()  # restored by the caller's ModelGuard
         gsm = grad_sample.GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=strict)
         try:
@@ -69,5 +69,12 @@ class OpacusEngine(Engine):
 
 _MODE_FREE = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.EmbeddingBag, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MultiheadAttention, nn.RNNBase,
 )
+
+
+def _mode_free(m: nn.Module) -> bool:
+    """Whether ``m``'s own computation is the same in training and eval mode."""
+    if not isinstance(m, _MODE_FREE) or getattr(m, "track_running_stats", False):
+        return False
+    return not (isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and m.dropout > 0)
