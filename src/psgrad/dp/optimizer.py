@@ -15,6 +15,7 @@ An empty logical batch still takes a noise-only step, and every step is accounte
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from .noise import NoiseSource, SecureNoise, SeededNoise
 from .sampling import check_sample_rate
 
 CLIPPING = ("flat", "per_layer", "automatic")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class StepRecord:
     ``||g_i|| + gamma > C`` for automatic clipping. For per-layer clipping it counts examples whose whole
     norm exceeds the overall bound sqrt(sum C_k^2); each of them was clipped in at least one group, but an
     example can also be clipped in one group while under the overall bound, so it is a lower bound.
+
+    Both counts are computed from the private batch and are not privatized: they are diagnostics for the
+    person training, and publishing them spends privacy that the accountant does not count.
     """
 
     step: int
@@ -208,6 +213,7 @@ class DPSGD:
         self.steps += 1
         record = StepRecord(self.steps, self._examples, self._clipped, self.noise_std)
         self.records.append(record)
+        log.debug("DP-SGD step %d: %d examples, %d clipped", record.step, record.examples, record.clipped)
         self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
         return record
 
