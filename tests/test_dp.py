@@ -433,3 +433,14 @@ def test_model_left_without_grad_state_by_clipped_sums():
     assert all(p.grad is None for p in model.parameters())
     dp.step()
     assert all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_cli_peer_opacus_same_batches_and_epsilon(tmp_path):
+    pytest.importorskip("opacus")
+    path = tmp_path / "peer.json"
+    assert dp_cli.main([*SMALL, "--peer", "opacus", "--json", str(path)]) == 0
+    psg, opa = json.loads(path.read_text())["runs"]
+    assert (psg["name"], opa["name"]) == ("psgrad", "opacus")
+    assert [r["examples"] for r in psg["records"]] == [r["examples"] for r in opa["records"]]  # the same batches
+    assert psg["final"]["epsilon"] == opa["final"]["epsilon"]
+    assert dp_cli.main([*SMALL, "--peer", "opacus", "--clipping", "automatic"]) == 2  # flat only: refused
