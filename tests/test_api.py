@@ -266,3 +266,25 @@ def test_train_mode_kept(engine):
     before = fingerprint(model)
     psgrad.per_sample_grads(model, CE, x, y, engine=engine)
     assert fingerprint(model) == before and model.training
+
+
+def test_released_result_buffers_are_reused_only_when_nothing_refers_to_them(monkeypatch):
+    from psgrad import _alloc
+
+    monkeypatch.setattr(_alloc, "_POOL_MIN_BYTES", 0)  # pool even this small model's results
+    psgrad.empty_cache()
+    model, x, y = _conv()
+    first = psgrad.per_sample_grads(model, CE, x, y)
+    kept = first["0.weight"]  # one tensor of the first result is still held
+    del first
+    second = psgrad.per_sample_grads(model, CE, x, y)
+    assert kept.untyped_storage().data_ptr() != second["0.weight"].untyped_storage().data_ptr()
+    expected = {n: g.clone() for n, g in second.items()}
+    ptr = second["0.weight"].untyped_storage().data_ptr()
+    del second
+    third = psgrad.per_sample_grads(model, CE, x * 2, y)  # the second result's block is free again
+    assert third["0.weight"].untyped_storage().data_ptr() == ptr
+    assert all(g.is_contiguous() for g in third.values())
+    assert_close_to_truth(third, truth(model, CE, x * 2, y))
+    assert not torch.equal(third["0.weight"], expected["0.weight"])
+    psgrad.empty_cache()

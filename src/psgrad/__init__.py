@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from ._errors import MissingDependencyError, PsgradError, UnsupportedModelError
-from .api import clipped_grad_sum, engines, per_sample_grads, per_sample_norms
+from .api import clipped_grad_sum, empty_cache, engines, parameter_groups, per_sample_grads, per_sample_norms
 from .verify import verify
 
 __all__ = [
@@ -12,7 +12,9 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "clipped_grad_sum",
+    "empty_cache",
     "engines",
+    "parameter_groups",
     "per_sample_grads",
     "per_sample_norms",
     "verify",

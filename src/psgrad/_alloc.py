@@ -6,6 +6,14 @@ more in page faults on first touch than all the arithmetic that fills it: 4 KiB 
 faults. Advising the kernel with ``madvise(MADV_HUGEPAGE)`` on our own buffer, before it is touched, lets
 it back the buffer with 2 MiB pages where transparent huge pages are enabled in ``madvise`` or
 ``always`` mode. This is advice about psgrad's own memory only; no process-wide setting is changed.
+
+NOTE [reusing released result buffers]
+Huge pages cut the cost of first touch but do not remove it, and on some hosts (virtual machines that hand
+freed memory back to the host) every fresh buffer is faulted in again at full cost. So large CPU results
+are carved out of blocks that psgrad keeps after the caller has released them, as PyTorch's CUDA caching
+allocator does on the GPU: a block is handed out again only when no tensor refers to it any more (its
+storage's use count is 1, ours), so a fresh result never aliases a result the caller still holds. At most
+``_POOL_BLOCKS`` blocks are kept; :func:`psgrad.empty_cache` returns them to the system.
 """
 
 from __future__ import annotations
@@ -14,12 +22,17 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import threading
+from collections.abc import Mapping
 
 import torch
 
 _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
 _MIN_BYTES = 2 * _HUGE
+_POOL_MIN_BYTES = 64 * _HUGE
+_POOL_BLOCKS = 2
+_ALIGN = 64  # bytes between the start of one result and the next
 
 
 @functools.cache
@@ -52,3 +65,53 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     lo = math.ceil(start / _HUGE) * _HUGE
     hi = end // _HUGE * _HUGE
     return hi > lo and fn(lo, hi - lo, _MADV_HUGEPAGE) == 0
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self._blocks: list[torch.UntypedStorage] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        with self._lock:
+            for i, block in enumerate(self._blocks):
+                if block.nbytes() == nbytes and torch._C._storage_Use_Count(block._cdata) == 1:
+                    self._blocks.append(self._blocks.pop(i))  # most recently used last
+                    return block
+            block = empty((nbytes,), torch.uint8, torch.device("cpu")).untyped_storage()
+            self._blocks.append(block)
+            while len(self._blocks) > _POOL_BLOCKS:
+                idle = [b for b in self._blocks if torch._C._storage_Use_Count(b._cdata) == 1 and b is not block]
+                self._blocks.remove(idle[0] if idle else self._blocks[0])
+            return block
+
+    def clear(self) -> None:
+        with self._lock:
+            self._blocks.clear()
+
+
+POOL = _Pool()
+
+
+def empty_cache() -> None:
+    """Release the result buffers psgrad keeps for reuse (NOTE [reusing released result buffers])."""
+    POOL.clear()
+
+
+def results(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Fresh contiguous tensors of the given shapes; large CPU ones share a reused block (see the NOTEs)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {n: math.prod(s) * itemsize for n, s in shapes.items()}
+    offsets, total = {}, 0
+    for n, size in sizes.items():
+        offsets[n] = total
+        total += -(-size // _ALIGN) * _ALIGN
+    if torch.device(device).type != "cpu" or total < _POOL_MIN_BYTES:
+        return {n: empty(tuple(s), dtype, torch.device(device)) for n, s in shapes.items()}
+    block = POOL.take(total)
+    out = {}
+    for n, shape in shapes.items():
+        t = torch.empty(0, dtype=dtype)
+        t.set_(block, offsets[n] // itemsize, tuple(shape))
+        out[n] = t
+    return out

@@ -20,6 +20,16 @@ from .clipping import ClipSpec
 LossFn = Callable[[Any, Tensor | None], Tensor]
 
 
+def empty_cache() -> None:
+    """Release the large CPU result buffers psgrad keeps for reuse once callers have dropped them.
+
+    Fresh results of ``per_sample_grads`` are carved out of blocks that are reused only after every
+    tensor of an earlier result is gone (as PyTorch's CUDA caching allocator does), which saves the page
+    faults of touching gigabytes of new memory on every call. Call this to hand that memory back.
+    """
+    _alloc.empty_cache()
+
+
 def engines() -> list[str]:
     """Names of the engines available in this environment (``"auto"`` picks among them)."""
     return _engines.available()
@@ -206,7 +216,7 @@ def _destination(out, flat, params, size, where) -> _Dest | None:
         if len(dtypes) > 1:
             raise PsgradError(f"{where}: flat=True needs parameters of one dtype, found {sorted(map(str, dtypes))}")
         if out is None:
-            buf = _alloc.empty((size, total), first.dtype, first.device)
+            buf = _alloc.results({"flat": (size, total)}, first.dtype, first.device)["flat"]
         else:
             if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != total or out.shape[0] < size:
                 shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
