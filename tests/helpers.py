@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from torch import nn
 
@@ -70,3 +73,36 @@ class _Comparable:
                 elif x != y:
                     return False
         return True
+
+
+def check_all_tasks(model, loss_fn, inputs, targets=None):
+    """Grads, norms and clipped sums of the hooks engine against values derived from the truth (clipping
+    active: the bound is 0.7 of the median norm); the model must be left as found after each call."""
+    expected = truth(model, loss_fn, inputs, targets)
+    before = fingerprint(model)
+    got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
+    assert fingerprint(model) == before
+    assert_close_to_truth(got, expected, label="grads")
+    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
+    norms = torch.stack(list(sq.values())).sum(0).sqrt()
+    got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
+    assert fingerprint(model) == before
+    assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]}, label="norms")
+    bound = norms.median().item() * 0.7
+    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
+    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
+    got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
+    assert fingerprint(model) == before
+    assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()}, label="clipped")
+
+
+@contextlib.contextmanager
+def no_fallback():
+    """Fail if the generic rule runs: the hand-written rules must take every call."""
+    from psgrad.rules.fallback import FallbackRule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the generic rule ran for {type(args[1]).__name__}")
+
+    with mock.patch.object(FallbackRule, "grad_sample", refuse):
+        yield

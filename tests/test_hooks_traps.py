@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth
+from helpers import assert_close_to_truth, assert_engine_exact, check_all_tasks, truth
 from torch import nn
 
 import psgrad
@@ -24,22 +24,7 @@ def _xy(b=5, d=6, classes=3, seed=0):
 
 
 def _check_all_tasks(model, inputs, targets, loss_fn=CE):
-    """grads, norms and clipped sums of the hooks engine against values derived from the truth."""
-    expected = truth(model, loss_fn, inputs, targets)
-    before = fingerprint(model)
-    got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth(got, expected)
-    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
-    norms = torch.stack(list(sq.values())).sum(0).sqrt()
-    got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
-    assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]})
-    bound = norms.median().item() * 0.7
-    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
-    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
-    got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()})
+    check_all_tasks(model, loss_fn, inputs, targets)
 
 
 class Tied(nn.Module):

@@ -6,12 +6,11 @@ Every result is compared with the float64 loop: per-sample gradients, per-sample
 
 from __future__ import annotations
 
-import contextlib
 from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_close_to_truth, fingerprint, truth
+from helpers import assert_close_to_truth, check_all_tasks, fingerprint, no_fallback, truth
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -21,45 +20,12 @@ from psgrad import UnsupportedModelError
 from psgrad.engines.hooks import plan
 from psgrad.rules import DEFAULT
 from psgrad.rules.attention import MultiheadAttentionRule
-from psgrad.rules.fallback import FallbackRule
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
 
 def _own(out, _targets):
     return out
-
-
-@contextlib.contextmanager
-def _no_fallback():
-    """Fail if the generic rule runs: the hand-written rule must take every call."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"the generic rule ran for {type(args[1]).__name__}")
-
-    with mock.patch.object(FallbackRule, "grad_sample", refuse):
-        yield
-
-
-def _check_all_tasks(model, loss_fn, inputs, targets=None):
-    """Grads, norms and clipped sums of the hooks engine against values derived from the truth; the
-    model must be left as found."""
-    expected = truth(model, loss_fn, inputs, targets)
-    before = fingerprint(model)
-    got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth(got, expected, label="grads")
-    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
-    norms = torch.stack(list(sq.values())).sum(0).sqrt()
-    got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]}, label="norms")
-    bound = norms.median().item() * 0.7
-    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
-    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
-    got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()}, label="clipped")
 
 
 class Attend(nn.Module):
@@ -181,8 +147,8 @@ def _build(case):
 @given(attention_cases())
 def test_multihead_attention_matches_truth(case):
     model, inputs = _build(case)
-    with _no_fallback():
-        _check_all_tasks(model, _own, inputs)
+    with no_fallback():
+        check_all_tasks(model, _own, inputs)
 
 
 def test_out_proj_is_claimed():
@@ -212,8 +178,8 @@ class Twice(nn.Module):
 def test_repeated_calls():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 4, 4, generator=g), torch.randn(3, 2, 4, generator=g)
-    with _no_fallback():
-        _check_all_tasks(Twice().eval(), CE, (x, y), torch.tensor([0, 2, 1]))
+    with no_fallback():
+        check_all_tasks(Twice().eval(), CE, (x, y), torch.tensor([0, 2, 1]))
 
 
 def test_per_example_3d_attn_mask_with_one_head():
@@ -231,8 +197,8 @@ def test_per_example_3d_attn_mask_with_one_head():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 4, generator=g)
     mask = torch.randn(3, 4, 4, generator=g)
-    with _no_fallback():
-        _check_all_tasks(Masked(1), _own, (x, mask))
+    with no_fallback():
+        check_all_tasks(Masked(1), _own, (x, mask))
     with pytest.raises(UnsupportedModelError, match="batch"):  # [B * H, ...] merges the batch with the heads
         psgrad.per_sample_grads(Masked(2), _own, (x, mask), engine="hooks")
 
@@ -283,8 +249,8 @@ def test_dropout_in_training_mode_is_refused(need_weights):
         psgrad.per_sample_grads(model, _own, x, engine="hooks")
     assert fingerprint(model) == before
     # in eval mode dropout is off and the hand-written rule is exact
-    with _no_fallback():
-        _check_all_tasks(model.eval(), _own, x)
+    with no_fallback():
+        check_all_tasks(model.eval(), _own, x)
 
 
 def test_check_gives_the_reason_for_dropout():
@@ -307,7 +273,7 @@ def test_overridden_forward_goes_to_the_generic_rule():
             return self.mha(x, x, x)[0].pow(2).sum((1, 2))
 
     assert MultiheadAttentionRule().check(Model().mha, None) == "forward is overridden"
-    _check_all_tasks(Model().eval(), _own, torch.randn(3, 4, 4))
+    check_all_tasks(Model().eval(), _own, torch.randn(3, 4, 4))
 
 
 class Encoder(nn.Module):
@@ -360,8 +326,8 @@ def test_transformer_encoder_layer(batch_first, norm_first, mask):
         seen.append(call.batch_size)
         return real(self, module, call, dest, accumulate)
 
-    with _no_fallback(), mock.patch.object(MultiheadAttentionRule, "grad_sample", spy):
-        _check_all_tasks(model, CE, inputs, y)
+    with no_fallback(), mock.patch.object(MultiheadAttentionRule, "grad_sample", spy):
+        check_all_tasks(model, CE, inputs, y)
     assert seen  # the attention's forward ran under the capture
 
 
@@ -370,11 +336,11 @@ def test_transformer_encoder_layer(batch_first, norm_first, mask):
 def test_transformer_encoder_stack(batch_first, mask):
     model = Encoder(batch_first, stack=True, mask=mask).eval()
     inputs, y = _encoder_inputs(batch=1)
-    with _no_fallback():
-        _check_all_tasks(model, CE, inputs, y)
+    with no_fallback():
+        check_all_tasks(model, CE, inputs, y)
 
 
 def test_transformer_encoder_stack_with_padding_mask():
     model = Encoder(True, stack=True, mask="padding").eval()
     inputs, y = _encoder_inputs()
-    _check_all_tasks(model, CE, inputs, y)
+    check_all_tasks(model, CE, inputs, y)

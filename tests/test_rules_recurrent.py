@@ -6,12 +6,9 @@ Every result is compared with the float64 loop: per-sample gradients, per-sample
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
-from helpers import assert_close_to_truth, fingerprint, truth
+from helpers import check_all_tasks, fingerprint, no_fallback
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -21,7 +18,6 @@ import psgrad
 from psgrad import UnsupportedModelError
 from psgrad.engines.hooks import plan
 from psgrad.rules import DEFAULT
-from psgrad.rules.fallback import FallbackRule
 from psgrad.rules.recurrent import RecurrentRule
 
 CE = nn.CrossEntropyLoss(reduction="none")
@@ -29,38 +25,6 @@ CE = nn.CrossEntropyLoss(reduction="none")
 
 def _own(out, _targets):
     return out
-
-
-@contextlib.contextmanager
-def _no_fallback():
-    """Fail if the generic rule runs: the recurrent rule must take every call."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"the generic rule ran for {type(args[1]).__name__}")
-
-    with mock.patch.object(FallbackRule, "grad_sample", refuse):
-        yield
-
-
-def _check_all_tasks(model, loss_fn, inputs, targets=None):
-    """Grads, norms and clipped sums of the hooks engine against values derived from the truth; the
-    model must be left as found."""
-    expected = truth(model, loss_fn, inputs, targets)
-    before = fingerprint(model)
-    got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth(got, expected, label="grads")
-    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
-    norms = torch.stack(list(sq.values())).sum(0).sqrt()
-    got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]}, label="norms")
-    bound = norms.median().item() * 0.7
-    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
-    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
-    got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
-    assert fingerprint(model) == before
-    assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()}, label="clipped")
 
 
 KINDS = {
@@ -138,8 +102,8 @@ def _build(case):
 @given(recurrent_cases())
 def test_recurrent_layers_match_truth(case):
     model, inputs = _build(case)
-    with _no_fallback():
-        _check_all_tasks(model, _own, inputs)
+    with no_fallback():
+        check_all_tasks(model, _own, inputs)
 
 
 def _state_only_cases():
@@ -157,8 +121,8 @@ def test_gradients_through_the_final_state_only(kind, batch_first, use):
     torch.manual_seed(0)
     model = Recur(cls(3, 4, num_layers=2, batch_first=batch_first, **kw), use, initial=False).eval()
     x = torch.randn(3, 4, 3)
-    with _no_fallback():
-        _check_all_tasks(model, _own, (x, torch.zeros(3, 2, 4), torch.zeros(3, 2, 4)))
+    with no_fallback():
+        check_all_tasks(model, _own, (x, torch.zeros(3, 2, 4), torch.zeros(3, 2, 4)))
 
 
 class Classifier(nn.Module):
@@ -183,15 +147,15 @@ def _tokens(batch=4, steps=6):
 def test_time_first_lstm_classifier():
     torch.manual_seed(0)
     tokens, y = _tokens()
-    with _no_fallback():
-        _check_all_tasks(Classifier().eval(), CE, tokens, y)
+    with no_fallback():
+        check_all_tasks(Classifier().eval(), CE, tokens, y)
 
 
 def test_time_first_bidirectional_lstm_classifier():
     torch.manual_seed(0)
     tokens, y = _tokens(batch=1)
-    with _no_fallback():
-        _check_all_tasks(Classifier(bidirectional=True).eval(), CE, tokens, y)
+    with no_fallback():
+        check_all_tasks(Classifier(bidirectional=True).eval(), CE, tokens, y)
 
 
 class Twice(nn.Module):
@@ -219,8 +183,8 @@ def test_repeated_calls(layers):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     x, z = torch.randn(3, 4, 3, generator=g), torch.randn(3, 2, 3, generator=g)
-    with _no_fallback():
-        _check_all_tasks(Twice(layers), CE, (x, z), torch.tensor([0, 1, 1]))
+    with no_fallback():
+        check_all_tasks(Twice(layers), CE, (x, z), torch.tensor([0, 1, 1]))
 
 
 def test_plan_assigns_the_recurrent_rule():
@@ -267,8 +231,8 @@ def test_dropout_between_layers_in_training_mode_is_refused(kind):
     with pytest.raises(UnsupportedModelError, match="dropout"):
         psgrad.per_sample_grads(model, _own, inputs, engine="hooks")
     assert fingerprint(model) == before
-    with _no_fallback():  # in eval mode the dropout is off
-        _check_all_tasks(model.eval(), _own, inputs)
+    with no_fallback():  # in eval mode the dropout is off
+        check_all_tasks(model.eval(), _own, inputs)
 
 
 def test_overridden_forward_is_left_to_the_generic_rule():
