@@ -288,3 +288,14 @@ def test_released_result_buffers_are_reused_only_when_nothing_refers_to_them(mon
     assert_close_to_truth(third, truth(model, CE, x * 2, y))
     assert not torch.equal(third["0.weight"], expected["0.weight"])
     psgrad.empty_cache()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["hooks", "vmap", "expanded"])
+def test_cuda_matches_truth(engine):
+    """On a GPU, every engine against the float64 loop run on the same device."""
+    model, x, y = _conv()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    assert_engine_exact(model, CE, x, y, engine=engine)
+    sums = psgrad.clipped_grad_sum(model, CE, x, y, 0.1, engine=engine)
+    assert all(v.is_cuda for v in sums.values())
