@@ -39,10 +39,9 @@ class LinearRule(Rule):
         if "weight" in dest:
             a = call.input(0).reshape(bsz, -1, module.in_features)
             w = dest["weight"]
-            if a.shape[1] == 1:  # an outer product: memory-bound, so write it in one pass
-                outer = b.transpose(1, 2) * a
-                w.add_(outer) if accumulate else w.copy_(outer)
-            elif accumulate:
+            # even for T = 1 (an outer product) a batched GEMM: it writes the [B, p, d] result faster than an
+            # elementwise product does here (measured on resnet18-gn/mlp: about 3x), with no temporary
+            if accumulate:
                 w.baddbmm_(b.transpose(1, 2), a)
             else:
                 torch.bmm(b.transpose(1, 2), a, out=w)
