@@ -69,3 +69,12 @@ def test_cli_exit_codes(tmp_path, capsys):
     # an engine that errors fails the run only with --strict
     args = ["verify", "--workload", "mlp", "--batch-size", "3", "--engines", "hooks,nope"]
     assert main(args) == 0 and main([*args, "--strict"]) == 1
+
+
+def test_sums_are_compared_on_the_scale_of_their_terms():
+    """A clipped sum that nearly cancels: rounding of size 1e-5 of its terms is 1e-2 of the result."""
+    e = torch.full((4,), 1e-3, dtype=torch.float64)
+    r = (e + 1e-5 / 2).float()  # ||r - e|| = 1e-5 for terms of total size 1
+    assert not compare({"a": r}, {"a": e}, torch.float32)[0].ok
+    row = compare({"a": r}, {"a": e}, torch.float32, scale={"a": 1.0})[0]
+    assert row.ok and row.rel_err == pytest.approx(1e-5, rel=1e-3)

@@ -201,8 +201,9 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
 
     dtype = next(p.dtype for p in w.model.parameters() if p.requires_grad)
     k = min(spec.examples, spec.batch_size)
+    scale = None
     if spec.task == "clipped":
-        truth = _clipped_truth(w, max_norm)
+        truth, scale = _clipped_truth(w, max_norm)
         got, checked = result, spec.batch_size
     else:
         x, y = _first(w.inputs, k), _first(w.targets, k)
@@ -213,7 +214,7 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
         else:
             sq = torch.stack([g.reshape(k, -1).pow(2).sum(1) for g in grads.values()]).sum(0)
             truth, got = {"norm": sq.sqrt()}, {"norm": result[:k]}
-    per_param = compare(got, truth, dtype)
+    per_param = compare(got, truth, dtype, scale)
     worst = max(per_param, key=lambda p: p.rel_err)
     return {
         "max_rel_err": worst.rel_err, "examples_checked": checked, "tolerance": tolerance(dtype),
@@ -221,11 +222,13 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
     }
 
 
-def _clipped_truth(w: Any, max_norm: float | None) -> dict[str, Tensor]:
-    """``sum_i c_i g_i`` in float64, one example at a time (memory: one gradient, not B of them)."""
+def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """``sum_i c_i g_i`` in float64, one example at a time (memory: one gradient, not B of them), and
+    each parameter's error scale ``sum_i c_i ||g_i||`` (see NOTE [tolerances] in psgrad.verify)."""
     model = copy.deepcopy(w.model).double()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros_like(p) for n, p in named.items()}
+    scale = dict.fromkeys(named, 0.0)
     size = _batch_size(w.inputs)
     for i in range(size):
         x = _cast(_rows(w.inputs, slice(i, i + 1)))
@@ -237,7 +240,8 @@ def _clipped_truth(w: Any, max_norm: float | None) -> dict[str, Tensor]:
         c = 1.0 if norm == 0 else min(1.0, max_norm / norm)
         for n, g in zip(named, grads):
             sums[n].add_(g, alpha=c)
-    return sums
+            scale[n] += c * g.norm().item()
+    return sums, scale
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
