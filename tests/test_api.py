@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth
 from torch import nn
+from verify_workloads import Bag
 
 import psgrad
 from psgrad import PsgradError
@@ -37,21 +38,11 @@ def _layernorm():
     return model.eval(), torch.randn(5, 6), torch.randint(0, 3, (5,))
 
 
-class _Bag(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(11, 4, padding_idx=0)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, tokens):
-        return self.head(self.emb(tokens).mean(1))
-
-
 def _embedding():
     torch.manual_seed(0)
     tokens = torch.randint(0, 11, (5, 7))
     tokens[0, :3] = 0
-    return _Bag().eval(), tokens, torch.randint(0, 3, (5,))
+    return Bag().eval(), tokens, torch.randint(0, 3, (5,))
 
 
 PROBLEMS = {"linear": _linear, "conv2d": _conv, "groupnorm": _groupnorm, "layernorm": _layernorm, "embedding": _embedding}

@@ -6,7 +6,9 @@ from torch import nn
 from psgrad.workloads import Workload
 
 
-class _Bag(nn.Module):
+class Bag(nn.Module):
+    """Mean of token embeddings (padding_idx 0), then a linear head."""
+
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(11, 4, padding_idx=0)
@@ -21,5 +23,5 @@ def padded_bag(batch_size, device):
     torch.manual_seed(0)
     tokens = torch.randint(0, 11, (batch_size, 7))
     tokens[:, :2] = 0
-    return Workload("padded-bag", _Bag().to(device), tokens.to(device), torch.randint(0, 3, (batch_size,)).to(device),
+    return Workload("padded-bag", Bag().to(device), tokens.to(device), torch.randint(0, 3, (batch_size,)).to(device),
                     nn.CrossEntropyLoss(reduction="none"))
