@@ -30,7 +30,7 @@ import torch
 _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
 _MIN_BYTES = 2 * _HUGE
-_POOL_MIN_BYTES = 64 * _HUGE
+_POOL_MIN_BYTES = 4 * _HUGE
 _POOL_BLOCKS = 2
 _ALIGN = 64  # bytes between the start of one result and the next
 
