@@ -121,11 +121,6 @@ def _physical_cores() -> int | None:
 
 
 def _meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from .measure import proc_bytes
+
+    return proc_bytes("/proc/meminfo", field)

@@ -56,15 +56,20 @@ class PeakMemory:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def _status_bytes(field: str) -> int | None:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a /proc file (``/proc/self/status``, ``/proc/meminfo``) in bytes; None if absent."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _status_bytes(field: str) -> int | None:
+    return proc_bytes("/proc/self/status", field)
 
 
 def synchronize(device: torch.device) -> None:
