@@ -16,6 +16,18 @@ def truth(model, loss_fn, inputs, targets=None, **kw):
     return psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="loop", dtype=torch.float64, **kw)
 
 
+def truth_norms(grads):
+    """Per-sample norms ``[B]`` over all parameters of per-sample gradients ``{name: [B, ...]}``."""
+    return torch.stack([g.reshape(len(g), -1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
+
+
+def truth_clipped_sum(grads, bound):
+    """``sum_i min(1, C / ||g_i||) g_i`` (factor 1 where the norm is 0) from per-sample gradients."""
+    norms = truth_norms(grads)
+    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
+    return {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in grads.items()}
+
+
 def assert_close_to_truth(result, expected, dtype=torch.float32, label=""):
     """Every parameter within the norm-relative tolerance of psgrad.verify; all mismatches reported at once."""
     assert set(result) == set(expected), f"{label}: names differ: {sorted(set(result) ^ set(expected))}"
@@ -83,14 +95,12 @@ def check_all_tasks(model, loss_fn, inputs, targets=None):
     got = psgrad.per_sample_grads(model, loss_fn, inputs, targets, engine="hooks")
     assert fingerprint(model) == before
     assert_close_to_truth(got, expected, label="grads")
-    sq = {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in expected.items()}
-    norms = torch.stack(list(sq.values())).sum(0).sqrt()
+    norms = truth_norms(expected)
     got_norms = psgrad.per_sample_norms(model, loss_fn, inputs, targets, engine="hooks")
     assert fingerprint(model) == before
     assert_close_to_truth({"norm": got_norms[:, None]}, {"norm": norms[:, None]}, label="norms")
     bound = norms.median().item() * 0.7
-    c = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
-    want = {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in expected.items()}
+    want = truth_clipped_sum(expected, bound)
     got_sum = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
     assert fingerprint(model) == before
     assert_close_to_truth({n: v[None] for n, v in got_sum.items()}, {n: v[None] for n, v in want.items()}, label="clipped")

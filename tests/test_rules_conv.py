@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close_to_truth, truth
+from helpers import assert_close_to_truth, truth, truth_clipped_sum
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
@@ -78,12 +78,6 @@ def expected_norms(grads):
     return {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
 
 
-def expected_clipped(grads, max_norm):
-    total = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads.values()]).sum(0).sqrt()
-    c = torch.where(total > 0, (max_norm / total).clamp(max=1.0), torch.ones_like(total))
-    return {n: torch.tensordot(c, g, dims=([0], [0])) for n, g in grads.items()}
-
-
 def assert_near(result, expected, label):
     """Norm-relative agreement within the float32 tolerance of psgrad.verify."""
     bad = [p for p in compare(result, expected, torch.float32) if not p.ok]
@@ -109,7 +103,7 @@ def check_all(model, x, target, params=None, expect_rule=True):
     clipped = psgrad.clipped_grad_sum(
         model, squared_loss, x, target, max_norm, engine="hooks", params=params, registry=reg
     )
-    assert_near(clipped, expected_clipped(expected, max_norm), "clipped sum")
+    assert_near(clipped, truth_clipped_sum(expected, max_norm), "clipped sum")
 
     if expect_rule:
         assert spy.used["refused"] == 0

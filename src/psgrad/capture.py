@@ -78,14 +78,6 @@ class Call:
     pending: int = 0  # output gradients still to arrive
     reported: bool = False  # handed to on_ready
 
-    @property
-    def args(self) -> tuple:
-        return tree_unflatten(self.checked_leaves(), self.spec)[0]
-
-    @property
-    def kwargs(self) -> dict:
-        return tree_unflatten(self.checked_leaves(), self.spec)[1]
-
     def input(self, index: int = 0) -> Tensor:
         """Positional input ``index`` with the batch moved to dimension 0 (expanded where it had none)."""
         leaf = self._leaf_of_arg(index)
@@ -151,10 +143,6 @@ class Unit:
     names: dict[str, str]
     label: str
     calls: list[Call] = field(default_factory=list)
-
-
-def _tensor_leaves(tree: Any) -> tuple[list[Any], Any]:
-    return tree_flatten(tree)
 
 
 def _batch_dim(real: torch.Size, probe: torch.Size, b: int, bp: int, what: Callable[[], str]) -> int | None:

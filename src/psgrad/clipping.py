@@ -66,15 +66,16 @@ class ClipSpec:
             for name, s in sq_norms.items():
                 g = self.groups[name]
                 group_sq[g] = group_sq[g] + s.double() if g in group_sq else s.double()
-            per_group = {g: _flat(s.sqrt(), float(self.max_norm[g])) for g, s in group_sq.items()}
+            per_group = {g: flat_factors(s.sqrt(), float(self.max_norm[g])) for g, s in group_sq.items()}
             return {name: per_group[self.groups[name]] for name in sq_norms}
         norm = self.total_norm(sq_norms)
         if self.mode == "flat":
-            c = _flat(norm, float(self.max_norm))
+            c = flat_factors(norm, float(self.max_norm))
         else:
             c = float(self.max_norm) / (norm + self.gamma)
         return dict.fromkeys(sq_norms, c)
 
 
-def _flat(norm: Tensor, bound: float) -> Tensor:
+def flat_factors(norm: Tensor, bound: float) -> Tensor:
+    """``min(1, bound / norm)``, and 1 where the norm is 0."""
     return torch.where(norm > 0, (bound / norm).clamp(max=1.0), torch.ones_like(norm))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from .api import clipped_grad_sum, per_sample_grads, per_sample_norms
 from .api import engines as available_engines
+from .clipping import flat_factors
 
 FLOOR_FRACTION = 1e-3
 TASKS = ("grads", "norms", "clipped")
@@ -160,7 +161,7 @@ def verify(
     bound = 0.5 * true_norms.median().item()
     if bound <= 0:
         bound = 1.0
-    c = torch.where(true_norms > 0, (bound / true_norms).clamp(max=1.0), torch.ones_like(true_norms))
+    c = flat_factors(true_norms, bound)
     clipped_scale = {n: (c * g.double().reshape(len(g), -1).norm(dim=1)).sum().item() for n, g in truth.items()}
     scales = {"grads": None, "norms": None, "clipped": clipped_scale}
     expected = {
@@ -190,9 +191,3 @@ def verify(
             results.append(EngineResult(name, status, task, "", seconds, tolerance(dtype), worst, params))
     batch_size = next(iter(truth.values())).shape[0]
     return Report(batch_size, results)
-
-
-def first_rows(result: Mapping[str, Tensor], n: int) -> dict[str, Tensor]:
-    return {k: v[:n] for k, v in result.items()}
-
-
