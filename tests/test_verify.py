@@ -78,3 +78,28 @@ def test_sums_are_compared_on_the_scale_of_their_terms():
     assert not compare({"a": r}, {"a": e}, torch.float32)[0].ok
     row = compare({"a": r}, {"a": e}, torch.float32, scale={"a": 1.0})[0]
     assert row.ok and row.rel_err == pytest.approx(1e-5, rel=1e-3)
+
+
+def _sse(out, target):
+    return (out - target).pow(2).flatten(1).sum(1)
+
+
+def test_no_precision_note_on_cpu():
+    model = nn.Linear(3, 2)
+    report = psgrad.verify(model, _sse, torch.randn(4, 3), torch.randn(4, 2), engines=["hooks"])
+    assert report.notes == []
+
+
+@pytest.mark.cuda
+def test_tf32_is_named_in_the_report_on_cuda(monkeypatch):
+    """NOTE [TF32]: a float32 check on a GPU with TF32 allowed says so; without it, no note."""
+    model = nn.Conv2d(2, 3, 3).cuda()
+    x, y = torch.randn(4, 2, 6, 6, device="cuda"), torch.randn(4, 3, 4, 4, device="cuda")
+    loss = _sse
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    report = psgrad.verify(model, loss, x, y, engines=["hooks"])
+    assert any("torch.backends.cudnn.allow_tf32" in n for n in report.notes)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    report = psgrad.verify(model, loss, x, y, engines=["hooks"])
+    assert report.notes == [] and report.ok

@@ -28,6 +28,8 @@ def verify_table(report: Report, title: str = "") -> str:
         lines.append("parameters outside tolerance:")
         for engine, p in bad:
             lines.append(f"  {engine:<10} {p.name:<40} {str(p.shape):<20} rel err {_fmt(p.rel_err)}  max abs {_fmt(p.max_abs_err)}")
+    for note in report.notes:
+        lines += ["", "note: " + note]
     lines.append("")
     lines.append("verdict: " + ("every engine that ran agrees with the truth" if report.ok else "DISAGREEMENT"))
     return "\n".join(lines)

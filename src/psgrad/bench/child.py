@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +48,10 @@ def measure_row(spec: RowSpec) -> dict[str, Any]:
         from psgrad import workloads
 
         device = torch.device(spec.device)
+        if device.type == "cuda":  # NOTE [TF32] in psgrad.verify: float32 on a GPU may silently mean TF32
+            torch.backends.cudnn.allow_tf32 = spec.tf32
+            torch.backends.cuda.matmul.allow_tf32 = spec.tf32
+            row["extra"]["tf32"] = spec.tf32
         name = workloads.OUT_OF_PLACE.get(spec.workload, spec.workload) if spec.variant == "oop" else spec.workload
         w = workloads.make(name, spec.batch_size, device)
         row["extra"]["timed_on"] = name
@@ -68,6 +73,7 @@ def measure_row(spec: RowSpec) -> dict[str, Any]:
         row["extra"]["warmup_seconds"] = warmups
     except Exception as exc:  # the failure of an engine is a row of the results, not the end of the run
         row["status"], row["reason"] = _classify(exc)
+        row["extra"]["traceback"] = traceback.format_exc(limit=-8)
         return row
     if spec.engine in ("plain", "ref"):
         return row

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
                       help="grads: per_sample_grads; norms: per_sample_norms; clipped: clipped_grad_sum with "
                            "max_norm half the median per-sample norm (default: grads)")
     what.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    what.add_argument("--tf32", action="store_true",
+                      help="on CUDA, let convolutions and matrix products round their inputs to TF32 (PyTorch's "
+                           "default for cuDNN convolutions); off by default, so that float32 rows compute in "
+                           "float32 and can be checked against the truth at float32 tolerance")
     what.add_argument("--warmup", type=_count(0), default=1, help="untimed calls first (default: 1)")
     what.add_argument("--repeats", type=_count(1), default=3, help="timed calls; the median is reported (default: 3)")
     what.add_argument("--max-time", type=float, default=30.0, metavar="S",
@@ -188,7 +192,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
     rows = planning.make_plan(names, sizes, args.engines, args.task, device, warmup=args.warmup,
                               repeats=args.repeats, examples=args.examples, max_time=args.max_time or None,
-                              caps=caps)
+                              caps=caps, tf32=args.tf32)
     if args.list:
         for planned in rows:
             s = planned.spec
@@ -202,7 +206,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
     results, interrupted = _with_progress(rows, args.timeout, budget)
     settings = {
         "suite": suite, "workloads": names, "batch_sizes": sizes, "engines": args.engines, "task": args.task,
-        "device": device, "warmup": args.warmup, "repeats": args.repeats, "examples": args.examples,
+        "device": device, "tf32": bool(args.tf32 and device.startswith("cuda")), "warmup": args.warmup, "repeats": args.repeats, "examples": args.examples,
         "max_time_s": args.max_time or None, "timeout_s": args.timeout, "memory_budget_bytes": budget, "caps": caps,
         "command": shlex.join(["psgrad", "bench", *args.argv]),
         "duration_s": round(time.perf_counter() - started, 1), "interrupted": interrupted, "json_path": str(json_path),

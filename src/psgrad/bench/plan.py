@@ -62,6 +62,7 @@ def make_plan(
     examples: int = 2,
     max_time: float | None = None,
     caps: dict[str, int] | None = None,
+    tf32: bool = False,
 ) -> list[Planned]:
     """Rows per (workload, batch size): ``plain``, ``ref``, then each engine and mode (see the module doc)."""
     from psgrad.workloads import OUT_OF_PLACE
@@ -86,7 +87,7 @@ def make_plan(
             def row(engine: str, mode: str = "fresh", variant: str = "", note: str = "", workload: str = workload,
                     batch: int = batch) -> RowSpec:
                 return RowSpec(workload, task, batch, engine, mode, device, variant, warmup, repeats, examples, note,
-                               max_time)
+                               max_time, tf32)
 
             plan += [Planned(row("plain")), Planned(row("ref"))]
             for engine in chosen:

@@ -37,6 +37,7 @@ class RowSpec:
     examples: int = 2
     note: str = ""
     max_time: float | None = None
+    tf32: bool = False
 
     def params(self) -> dict[str, Any]:
         return {

@@ -50,8 +50,11 @@ def _channel_sums(b: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
         return (b3 * x3).sum(2).view(bsz, channels), b3.sum(2).view(bsz, channels)
     zero = torch.zeros(1, 1, dtype=x3.dtype, device=x3.device)
     one = torch.ones(1, 1, dtype=x3.dtype, device=x3.device)
+    # gamma is not read when no input gradient is asked for, but it is passed defined: some releases
+    # (seen with torch 2.11) fail on an undefined optional tensor here ("tensor does not have a device")
+    gamma = torch.ones(rows, dtype=x3.dtype, device=x3.device)
     _, dw, db = torch.ops.aten.native_group_norm_backward(
-        b3, x3, zero, one, None, 1, rows, spatial, 1, [False, True, True]
+        b3, x3, zero, one, gamma, 1, rows, spatial, 1, [False, True, True]
     )
     return dw.view(bsz, channels), db.view(bsz, channels)
 
