@@ -63,7 +63,7 @@ def _cases():
             yield pytest.param(problem, engine, marks=marks, id=f"{problem}-{engine}")
 
 
-@pytest.mark.parametrize("problem, engine", _cases())
+@pytest.mark.parametrize("problem, engine", list(_cases()))
 def test_engine_matches_truth(problem, engine):
     model, x, y = PROBLEMS[problem]()
     assert_engine_exact(model, CE, x, y, engine=engine)

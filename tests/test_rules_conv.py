@@ -194,12 +194,13 @@ def test_rule_is_registered_for_every_conv():
     [
         # T per call; called twice, T doubles
         (nn.Conv2d(4, 4, 3), (3, 3), "ghost"),  # T = 1: ||a_i|| ||b_i||; twice 2 T^2 = 8 <= p d = 144
+        (nn.Conv2d(8, 6, 3, padding=1, groups=2), (1, 1), "ghost"),  # T = 1 with groups; twice 8 <= 81
         (nn.Conv2d(16, 24, 3, padding=1, groups=2), (3, 3), "ghost"),  # 2 T^2 <= 648 <= p d = 12 * 72
         (nn.Conv2d(1, 2, 2), (6, 6), "materialized"),  # 2 T^2 >= 50 > p d = 8
         (nn.Conv1d(3, 2, 2, padding=1, padding_mode="circular"), (7,), "materialized"),  # 128 > 12
         (nn.Conv3d(8, 16, (1, 2, 2), padding="same", padding_mode="reflect", groups=2), (1, 2, 2), "ghost"),  # 128
     ],
-    ids=["T1", "ghost-groups", "materialized", "materialized-1d", "ghost-3d-same"],
+    ids=["T1", "T1-groups", "ghost-groups", "materialized", "materialized-1d", "ghost-3d-same"],
 )
 @pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
 def test_both_norm_routes(conv, size, norm, twice):
@@ -301,3 +302,51 @@ def test_patches_equal_unfold(stride, padding, dilation):
     x = torch.randn(2, 3, 7, 8)
     expected = torch.nn.functional.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     assert torch.equal(_patches(conv, *_padded_input(conv, x)), expected)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (nn.Conv1d(4, 3, 3, stride=2, padding=2, dilation=2), (11,)),
+        (nn.Conv1d(2, 2, 3, padding=3, dilation=3), (2,)),  # an offset that sees only padding
+        (nn.Conv2d(3, 2, (3, 2), stride=(1, 2), padding=(2, 0), dilation=(2, 1)), (7, 8)),
+        (nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 5)),
+        (nn.Conv2d(2, 2, 3, padding="same", padding_mode="reflect"), (5, 4)),
+        (nn.Conv3d(2, 4, (2, 1, 3), stride=(1, 2, 1), padding=(1, 0, 1), groups=2), (3, 5, 4)),
+    ],
+    ids=["1d-dilated", "1d-padding-only-offset", "2d-strided", "2d-groups", "2d-reflect-same", "3d-groups"],
+)
+def test_patch_gram_equals_gram_of_patches(conv, size):
+    """The position-Gram route (shifted blocks of X^T X) gives the patches' Gram U^T U, group by group."""
+    from psgrad.rules.conv import _padded_input, _patch_gram, _patches
+
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
+    padded, pad = _padded_input(conv, x)
+    u = _patches(conv, padded, pad)  # [B, C K, T]
+    u = u.reshape(3 * conv.groups, -1, u.shape[-1])
+    expected = torch.bmm(u.transpose(1, 2), u)
+    torch.testing.assert_close(_patch_gram(conv, padded, pad), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ghost_norm_without_patches_is_used_and_exact(monkeypatch):
+    """Where the ghost norm is cheaper and the position Gram is smaller than the patch Gram, norms and
+    clipped sums take that route, and agree with the truth."""
+    import psgrad.rules.conv as conv_rules
+
+    taken = Counter()
+    original = conv_rules._ghost_without_patches
+
+    def counting(*args):
+        result = original(*args)
+        taken["position gram" if result is not None else "other"] += 1
+        return result
+
+    monkeypatch.setattr(conv_rules, "_ghost_without_patches", counting)
+    torch.manual_seed(2)
+    conv = nn.Conv2d(32, 32, 3, padding=1)  # T = 25, 2 T^2 = 1250 <= p d = 9216; P^2 = 2401 <= K T^2 = 5625
+    x = torch.randn(5, 32, 5, 5)
+    target = torch.randn(5, 32, 5, 5) * 0.5
+    spy = check_all(Net(conv, False).eval(), x, target)
+    assert taken["position gram"] == 2 and taken["other"] == 0 and spy.used["ghost"] == 2
