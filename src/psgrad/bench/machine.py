@@ -90,6 +90,10 @@ def _version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
+        if name == "psgrad":  # run from a source tree that was not installed
+            from psgrad import __version__
+
+            return __version__
         return None
 
 
