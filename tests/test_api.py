@@ -130,6 +130,9 @@ def test_bad_out():
         psgrad.per_sample_grads(model, CE, x, y, out={**good, "0.weight": good["0.weight"].double()})
     with pytest.raises(PsgradError, match=r"\[>= 5"):
         psgrad.per_sample_grads(model, CE, x, y, out={**good, "0.weight": good["0.weight"][:3]})
+    shared = good["0.weight"][:1].expand(*good["0.weight"].shape)
+    with pytest.raises(PsgradError, match="share memory"):
+        psgrad.per_sample_grads(model, CE, x, y, out={**good, "0.weight": shared})
 
 
 def test_several_inputs_and_dict_inputs():

@@ -256,6 +256,8 @@ def _check_buffer(buf: Tensor, p: Tensor, where: str, label: str) -> None:
         )
     if buf.requires_grad:
         raise PsgradError(f"{where}: {label} requires grad; pass a plain buffer")
+    if torch._debug_has_internal_overlap(buf) == 1:  # e.g. an expanded tensor: several elements share memory
+        raise PsgradError(f"{where}: {label} has elements that share memory (an expanded view?); pass a plain buffer")
 
 
 def _run(engine_name, task, where, model, loss_fn, batch, params, options, **kw):
