@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from .._batch import Batch
 from ..clipping import ClipSpec
-from ..rules.base import sq_norms
+from ..rules.base import sq_norms, weighted_sum
 
 LossFn = Callable[[Any, Tensor | None], Tensor]
 
@@ -66,8 +65,7 @@ class Engine:
         factors = clip.factors(sq)
         summed = {}
         for n, g in grads.items():
-            c = factors[n].to(g.dtype)
-            summed[n] = torch.tensordot(c, g, dims=([0], [0]))
+            summed[n] = weighted_sum(factors[n], g)
         return summed, clip.total_norm(sq), losses
 
 

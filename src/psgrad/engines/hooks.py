@@ -25,7 +25,7 @@ from .._errors import PsgradError
 from ..capture import Call, Capture, Unit
 from ..clipping import ClipSpec
 from ..rules import DEFAULT, FALLBACK, Registry
-from ..rules.base import materialize, sq_norms
+from ..rules.base import materialize, sq_norms, weighted_sum
 from .base import Engine, LossFn
 
 
@@ -207,7 +207,7 @@ class HooksEngine(Engine):
             for call in calls:
                 call.release()
         for glob, g in shared.items():
-            summed[glob] = torch.tensordot(factors[glob].to(g.dtype), g, dims=([0], [0]))
+            summed[glob] = weighted_sum(factors[glob], g)
         for name, p in params.items():
             if name not in summed:
                 summed[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)

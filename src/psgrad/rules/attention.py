@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
 from ..capture import Call
-from .base import Rule, linear_form_clipped, linear_form_norms, put
+from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms, weighted_sum
 from .registry import DEFAULT
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -284,10 +284,10 @@ class MultiheadAttentionRule(Rule):
                 caches[name] = [r[1] for r in results]
         for name, parts in pieces.sums.items():
             if name in names:
-                norms[name] = sum(s.pow(2).sum(1) for _, s in parts)
+                norms[name] = sum(sq_norms(s) for _, s in parts)
         for name, value in pieces.extra.items():
             if name in names:
-                norms[name] = value.flatten(1).pow(2).sum(1)
+                norms[name] = sq_norms(value)
         pieces.forms = {}  # what the clipped sum needs of them is in caches
         return norms, (pieces, caches)
 
@@ -304,5 +304,5 @@ class MultiheadAttentionRule(Rule):
                 out[name] = torch.cat([c.to(s.dtype) @ s for _, s in parts], 0)
         for name, value in pieces.extra.items():
             if name in names:
-                out[name] = torch.tensordot(c.to(value.dtype), value, dims=([0], [0]))
+                out[name] = weighted_sum(c, value)
         return out

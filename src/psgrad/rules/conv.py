@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .. import _stream
 from .._errors import UnsupportedModelError
 from ..capture import Call
-from .base import Rule, ghost_is_cheaper, ghost_sq_norms, linear_form_norms, put
+from .base import Rule, ghost_is_cheaper, ghost_sq_norms, linear_form_norms, put, sq_norms, weighted_sum
 from .registry import DEFAULT
 
 _STOCK: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -173,12 +173,17 @@ def _ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], g
     return ghost_sq_norms(_patch_gram(module, x, pad), torch.bmm(b.transpose(1, 2), b))
 
 
+def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
+    """The patches per example and group, ``[B g, T, d]``: a transposed view of :func:`_patches`."""
+    u = _patches(module, x, pad)  # [B, C_in K, T]
+    return u.view(x.shape[0] * module.groups, -1, u.shape[-1]).transpose(1, 2)
+
+
 def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> tuple[Tensor, Tensor]:
     """One call (padded input, output gradient) as per-group linear forms: a ``[B g, T, d]``, b ``[B g, T, p]``."""
     bsz, g = grad.shape[0], module.groups
     b = grad.reshape(bsz * g, module.out_channels // g, -1).transpose(1, 2)
-    u = _patches(module, x, pad)
-    return u.view(bsz * g, -1, u.shape[-1]).transpose(1, 2), b
+    return _group_patches(module, x, pad), b
 
 
 def _clipped_from_forms(module: nn.Module, c: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -258,8 +263,7 @@ class ConvRule(Rule):
                 # T <= 4 on ResNet18's layer3/4) and the streaming writer reads without another copy
                 a = _patches(module, x, pad, rows=True)
             else:
-                u = _patches(module, x, pad)  # [B, C_in K, T]
-                a = u.view(bsz * g, -1, u.shape[-1]).transpose(1, 2)  # [B g, T, d]
+                a = _group_patches(module, x, pad)
             _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
         if "bias" in dest:
             flat = grad.reshape(bsz, module.out_channels, -1)
@@ -299,7 +303,7 @@ class ConvRule(Rule):
         if "bias" in names:
             bias = sum(c.grad(0).reshape(bsz, module.out_channels, -1).sum(2) for c in calls)
             cache["bias"] = bias
-            norms["bias"] = bias.pow(2).sum(1)
+            norms["bias"] = sq_norms(bias)
         return norms, cache
 
     def clipped_sum(
@@ -309,7 +313,7 @@ class ConvRule(Rule):
         if "weight" in names:
             per_sample = cache["weight"]
             if per_sample is not None:
-                out["weight"] = torch.tensordot(c.to(per_sample.dtype), per_sample, dims=([0], [0]))
+                out["weight"] = weighted_sum(c, per_sample)
             elif "forms" in cache:
                 out["weight"] = _clipped_from_forms(module, c, *cache["forms"])
             else:

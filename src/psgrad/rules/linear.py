@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .. import _stream
 from ..capture import Call
-from .base import Rule, linear_form_clipped, linear_form_norms
+from .base import Rule, linear_form_clipped, linear_form_norms, sq_norms
 from .registry import DEFAULT
 
 
@@ -61,7 +61,7 @@ class LinearRule(Rule):
             norms["weight"], cache["weight"] = linear_form_norms(a, b)
         if "bias" in names:
             cache["bias"] = b.sum(1)
-            norms["bias"] = cache["bias"].pow(2).sum(1)
+            norms["bias"] = sq_norms(cache["bias"])
         return norms, cache
 
     def clipped_sum(

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_unflatten
 
 from .._errors import UnsupportedModelError
 from ..capture import Call
-from .base import Rule, linear_form_clipped, linear_form_norms, put
+from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms
 from .registry import DEFAULT
 
 _FORWARDS = {nn.RNN: nn.RNN.forward, nn.LSTM: nn.LSTM.forward, nn.GRU: nn.GRU.forward}
@@ -247,7 +247,7 @@ class RecurrentRule(Rule):
                 norms[name], caches[name] = linear_form_norms(a, b)
         for name, s in sums.items():
             if name in names:
-                norms[name] = s.pow(2).sum(1)
+                norms[name] = sq_norms(s)
         return norms, (sums, caches)
 
     def clipped_sum(
