@@ -23,11 +23,14 @@
 #define PSGRAD_X86 1
 #endif
 
+/* The vector part of one row, for one instruction set: writes out[k..] for as long as whole vectors fit,
+   with k at a vector-aligned address, and returns the first k it left. */
+typedef long long (*Vector)(float *out, const float *b, const float *a, long long t, long long d, long long k);
+
 typedef struct {
     float *dst;
     const float *b, *a;
     long long sample_stride, row_stride, p, t, d, begin, end;
-    int kind; /* 2: AVX-512F, 1: AVX */
 } Job;
 
 static inline float dot_column(const float *b, const float *a, long long t, long long d, long long k) {
@@ -36,64 +39,65 @@ static inline float dot_column(const float *b, const float *a, long long t, long
     return acc;
 }
 
+/* The instruction set chosen once at import: its vector part and the alignment its streaming stores need
+   (none where the processor has neither AVX-512F nor AVX). */
+static Vector vector_part = NULL;
+static uintptr_t vector_align = 0;
+
 #ifdef PSGRAD_X86
-__attribute__((target("avx512f"))) static void rows_avx512(const Job *j) {
-    const long long t = j->t, d = j->d;
-    for (long long row = j->begin; row < j->end; row++) {
-        long long i = row / j->p, r = row % j->p, k = 0;
-        float *out = j->dst + i * j->sample_stride + r * j->row_stride;
-        const float *a = j->a + i * t * d;
-        const float *b = j->b + row * t;
-        for (; k < d && ((uintptr_t)(out + k) & 63); k++) out[k] = dot_column(b, a, t, d, k);
-        for (; k + 16 <= d; k += 16) {
-            __m512 acc = _mm512_mul_ps(_mm512_set1_ps(b[0]), _mm512_loadu_ps(a + k));
-            for (long long s = 1; s < t; s++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(b[s]), _mm512_loadu_ps(a + s * d + k), acc);
-            _mm512_stream_ps(out + k, acc);
-        }
-        for (; k < d; k++) out[k] = dot_column(b, a, t, d, k);
+__attribute__((target("avx512f"))) static long long vector_avx512(float *out, const float *b, const float *a,
+                                                                  long long t, long long d, long long k) {
+    for (; k + 16 <= d; k += 16) {
+        __m512 acc = _mm512_mul_ps(_mm512_set1_ps(b[0]), _mm512_loadu_ps(a + k));
+        for (long long s = 1; s < t; s++)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(b[s]), _mm512_loadu_ps(a + s * d + k), acc);
+        _mm512_stream_ps(out + k, acc);
     }
-    _mm_sfence();
+    return k;
 }
 
-__attribute__((target("avx"))) static void rows_avx(const Job *j) {
-    const long long t = j->t, d = j->d;
-    for (long long row = j->begin; row < j->end; row++) {
-        long long i = row / j->p, r = row % j->p, k = 0;
-        float *out = j->dst + i * j->sample_stride + r * j->row_stride;
-        const float *a = j->a + i * t * d;
-        const float *b = j->b + row * t;
-        for (; k < d && ((uintptr_t)(out + k) & 31); k++) out[k] = dot_column(b, a, t, d, k);
-        for (; k + 8 <= d; k += 8) {
-            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(b[0]), _mm256_loadu_ps(a + k));
-            for (long long s = 1; s < t; s++)
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(b[s]), _mm256_loadu_ps(a + s * d + k)));
-            _mm256_stream_ps(out + k, acc);
-        }
-        for (; k < d; k++) out[k] = dot_column(b, a, t, d, k);
+__attribute__((target("avx"))) static long long vector_avx(float *out, const float *b, const float *a,
+                                                           long long t, long long d, long long k) {
+    for (; k + 8 <= d; k += 8) {
+        __m256 acc = _mm256_mul_ps(_mm256_set1_ps(b[0]), _mm256_loadu_ps(a + k));
+        for (long long s = 1; s < t; s++)
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(b[s]), _mm256_loadu_ps(a + s * d + k)));
+        _mm256_stream_ps(out + k, acc);
     }
-    _mm_sfence();
+    return k;
 }
 #endif
 
-static void *run_job(void *arg) {
-#ifdef PSGRAD_X86
-    const Job *j = (const Job *)arg;
-    if (j->kind == 2)
-        rows_avx512(j);
-    else
-        rows_avx(j);
-#endif
-    return NULL;
-}
-
-static int simd_kind(void) {
+static void choose_vector_part(void) {
 #ifdef PSGRAD_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return 2;
-    if (__builtin_cpu_supports("avx")) return 1;
+    if (__builtin_cpu_supports("avx512f")) {
+        vector_part = vector_avx512;
+        vector_align = 64;
+    } else if (__builtin_cpu_supports("avx")) {
+        vector_part = vector_avx;
+        vector_align = 32;
+    }
 #endif
-    return 0;
+}
+
+/* Rows [begin, end): scalar up to the first aligned address, the vector part, a scalar tail. */
+static void *run_job(void *arg) {
+    const Job *j = (const Job *)arg;
+    const long long t = j->t, d = j->d;
+    for (long long row = j->begin; row < j->end; row++) {
+        long long i = row / j->p, r = row % j->p, k = 0;
+        float *out = j->dst + i * j->sample_stride + r * j->row_stride;
+        const float *a = j->a + i * t * d;
+        const float *b = j->b + row * t;
+        for (; k < d && ((uintptr_t)(out + k) & (vector_align - 1)); k++) out[k] = dot_column(b, a, t, d, k);
+        k = vector_part(out, b, a, t, d, k);
+        for (; k < d; k++) out[k] = dot_column(b, a, t, d, k);
+    }
+#ifdef PSGRAD_X86
+    _mm_sfence(); /* streaming stores are weakly ordered: make them visible before the thread is joined */
+#endif
+    return NULL;
 }
 
 #define MAX_THREADS 64
@@ -109,8 +113,7 @@ static PyObject *products(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "products: the inner dimension must be at least 1");
         return NULL;
     }
-    int kind = simd_kind();
-    if (kind == 0) return PyLong_FromLong(-1);
+    if (vector_part == NULL) return PyLong_FromLong(-1);
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     long long rows = n * p;
@@ -120,7 +123,7 @@ static PyObject *products(PyObject *self, PyObject *args) {
     int started[MAX_THREADS] = {0};
     for (int w = 0; w < threads; w++) {
         jobs[w] = (Job){(float *)(uintptr_t)dst, (const float *)(uintptr_t)b, (const float *)(uintptr_t)a,
-                        sample_stride, row_stride, p, t, d, rows * w / threads, rows * (w + 1) / threads, kind};
+                        sample_stride, row_stride, p, t, d, rows * w / threads, rows * (w + 1) / threads};
     }
     Py_BEGIN_ALLOW_THREADS
     for (int w = 1; w < threads; w++) started[w] = pthread_create(&ids[w], NULL, run_job, &jobs[w]) == 0;
@@ -143,4 +146,13 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cstream", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__cstream(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__cstream(void) {
+    choose_vector_part();
+    PyObject *m = PyModule_Create(&module);
+    /* whether this processor can take the streaming writes at all (else `products` returns -1) */
+    if (m != NULL && PyModule_AddIntConstant(m, "usable", vector_part != NULL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -33,15 +33,16 @@ MAX_INNER = 8
 
 @functools.cache
 def _extension() -> Any:
+    """The C extension, or None where it was not built or this processor has neither AVX-512F nor AVX."""
     try:
         from . import _cstream
     except ImportError:
         return None
-    return _cstream
+    return _cstream if _cstream.usable else None
 
 
 def available() -> bool:
-    """Whether the streaming extension was built and loads here."""
+    """Whether the streaming extension was built and can run on this processor."""
     return _extension() is not None
 
 
