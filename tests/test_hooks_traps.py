@@ -86,6 +86,28 @@ def test_frozen_and_unused_parameters():
     _check_all_tasks(model, x, y)
 
 
+class CalledButUnused(nn.Module):
+    """A module that runs but whose output never reaches the loss: its calls get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.side = nn.Linear(6, 4)
+
+    def forward(self, x):
+        self.side(x)
+        return self.a(x)
+
+
+def test_a_module_whose_output_is_unused():
+    torch.manual_seed(0)
+    model = CalledButUnused().eval()
+    x, y = _xy()
+    got = psgrad.per_sample_grads(model, CE, x, y, engine="hooks")
+    assert got["side.weight"].abs().max() == 0
+    _check_all_tasks(model, x, y)
+
+
 def test_float64_model():
     torch.manual_seed(0)
     model = Twice().double().eval()

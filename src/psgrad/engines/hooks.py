@@ -150,6 +150,7 @@ class HooksEngine(Engine):
             for call in calls:
                 rule = _rule_for(unit, call)
                 by_rule.setdefault(id(rule), (rule, []))[1].append(call)
+            kept = False  # whether the clipped sum will still read this unit's calls
             for rule, rule_calls in by_rule.values():
                 # a parameter owned by several modules, or split between rules, needs the cross terms of
                 # its uses: its per-sample gradient is materialized (summed) instead
@@ -161,11 +162,12 @@ class HooksEngine(Engine):
                         sq[single[loc]] = value
                     if keep:
                         work.append((unit, rule, rule_calls, single, cache))
+                        kept = True
                 if multi:
                     for loc, g in materialize(rule, unit.module, rule_calls, list(multi)).items():
                         glob = multi[loc]
                         shared[glob] = shared[glob] + g if glob in shared else g
-            if not (keep and single):
+            if not kept:  # (a unit whose calls all missed the loss has no rule to run, nothing kept)
                 for call in unit.calls:
                     call.release()
 
