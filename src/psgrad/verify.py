@@ -205,7 +205,7 @@ def verify(
 
 
 def _precision_notes(model: nn.Module, dtype: torch.dtype) -> list[str]:
-    """What may make float32 results less precise than float32 here (NOTE [TF32])."""
+    """Settings that make float32 results here less precise than float32 arithmetic (NOTE [TF32])."""
     on_cuda = any(p.is_cuda for p in model.parameters())
     if not on_cuda or dtype != torch.float32:
         return []

@@ -109,7 +109,7 @@ def ghost_sq_norms(aa: Tensor, bb: Tensor) -> Tensor:
 
 
 def linear_form_clipped(c: Tensor, cache: tuple[Tensor, Tensor] | Tensor) -> Tensor:
-    """``sum_i c_i b_i^T a_i`` as ``[p, d]``, from the cache of :func:`linear_form_cache`: one ordinary
+    """``sum_i c_i b_i^T a_i`` as ``[p, d]``, from the cache of :func:`linear_form_norms`: one ordinary
     weight-gradient product with scaled output gradients (book-keeping, Bu et al. 2023), or a weighted sum
     of the per-sample gradients where they were materialized."""
     if isinstance(cache, Tensor):
