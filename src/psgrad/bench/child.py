@@ -231,6 +231,8 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
 def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], dict[str, float]]:
     """``sum_i c_i g_i`` in float64, one example at a time (memory: one gradient, not B of them), and
     each parameter's error scale ``sum_i c_i ||g_i||`` (see NOTE [tolerances] in psgrad.verify)."""
+    from psgrad.clipping import flat_factors
+
     model = copy.deepcopy(w.model).double()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros_like(p) for n, p in named.items()}
@@ -242,8 +244,7 @@ def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], d
         loss = w.loss_fn(_call(model, x), y).sum()
         grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, named.values())]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
-        c = 1.0 if norm == 0 else min(1.0, max_norm / norm)
+        c = flat_factors(torch.sqrt(sum(g.pow(2).sum() for g in grads)), max_norm).item()
         for n, g in zip(named, grads):
             sums[n].add_(g, alpha=c)
             scale[n] += c * g.norm().item()
