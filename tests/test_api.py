@@ -293,3 +293,24 @@ def test_cuda_matches_truth(engine):
     assert_engine_exact(model, CE, x, y, engine=engine)
     sums = psgrad.clipped_grad_sum(model, CE, x, y, 0.1, engine=engine)
     assert all(v.is_cuda for v in sums.values())
+
+
+def test_scratch_never_aliases_a_live_temporary():
+    """NOTE [scratch for temporaries]: a named block is reused once nothing refers to it, and only then."""
+    from psgrad import _alloc
+
+    cpu = torch.device("cpu")
+    psgrad.empty_cache()
+    first = _alloc.scratch("test", (4, 5), torch.float32, cpu)
+    second = _alloc.scratch("test", (4, 5), torch.float32, cpu)  # first still alive: a fresh tensor
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    ptr = first.untyped_storage().data_ptr()
+    del first
+    third = _alloc.scratch("test", (2, 3), torch.float64, cpu)  # the block again, as another shape and dtype
+    assert third.untyped_storage().data_ptr() == ptr and third.shape == (2, 3) and third.dtype == torch.float64
+    del third
+    bigger = _alloc.scratch("test", (100, 100), torch.float32, cpu)  # grown: a new block
+    assert bigger.shape == (100, 100) and bigger.untyped_storage().nbytes() >= 40000
+    del bigger
+    psgrad.empty_cache()
+    assert "test" not in _alloc._SCRATCH.blocks

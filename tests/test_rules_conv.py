@@ -313,13 +313,25 @@ def test_patches_equal_unfold(stride, padding, dilation):
         (nn.Conv2d(4, 6, 3, padding=1, groups=2), (5, 5)),
         (nn.Conv2d(2, 2, 3, padding="same", padding_mode="reflect"), (5, 4)),
         (nn.Conv3d(2, 4, (2, 1, 3), stride=(1, 2, 1), padding=(1, 0, 1), groups=2), (3, 5, 4)),
+        (nn.Conv1d(3, 2, 5, padding=4, dilation=2), (9,)),
+        (nn.Conv2d(3, 2, 3, padding=1), (5, 4)),
+        (nn.Conv2d(4, 2, (3, 5), padding=(2, 4), dilation=2, groups=2), (4, 6)),
+        (nn.Conv2d(2, 2, 5, padding=2), (2, 3)),  # offsets that see only padding
+        (nn.Conv3d(2, 3, 3, padding=1), (3, 2, 4)),
     ],
-    ids=["1d-dilated", "1d-padding-only-offset", "2d-strided", "2d-groups", "2d-reflect-same", "3d-groups"],
+    ids=["1d-dilated", "1d-padding-only-offset", "2d-strided", "2d-groups", "2d-reflect-same", "3d-groups",
+         "1d-same-size", "2d-same-size", "2d-same-size-dilated-groups", "2d-same-size-small", "3d-same-size"],
 )
-def test_patch_gram_equals_gram_of_patches(conv, size):
-    """The position-Gram route (shifted blocks of X^T X) gives the patches' Gram U^T U, group by group."""
+def test_patch_gram_equals_gram_of_patches(conv, size, monkeypatch):
+    """The position-Gram route (shifted blocks of X^T X) gives the patches' Gram U^T U, group by group, by
+    whichever of its two block layouts applies (same-size outputs at stride 1, or any other)."""
+    import psgrad.rules.conv as conv_rules
     from psgrad.rules.conv import _padded_input, _patch_gram, _patches
 
+    routes = Counter()
+    for name in ("_shifted_blocks", "_strided_blocks"):
+        original = getattr(conv_rules, name)
+        monkeypatch.setattr(conv_rules, name, lambda *a, _f=original, _n=name: routes.update([_n]) or _f(*a))
     torch.manual_seed(0)
     conv = conv.double()
     x = torch.randn(3, conv.in_channels, *size, dtype=torch.float64)
@@ -328,6 +340,8 @@ def test_patch_gram_equals_gram_of_patches(conv, size):
     u = u.reshape(3 * conv.groups, -1, u.shape[-1])
     expected = torch.bmm(u.transpose(1, 2), u)
     torch.testing.assert_close(_patch_gram(conv, padded, pad), expected, rtol=1e-12, atol=1e-12)
+    same_size = all(st == 1 for st in conv.stride) and list(padded.shape[2:]) == list(conv(x).shape[2:])
+    assert routes == Counter(["_shifted_blocks" if same_size else "_strided_blocks"])
 
 
 def test_ghost_norm_without_patches_is_used_and_exact(monkeypatch):
@@ -350,3 +364,23 @@ def test_ghost_norm_without_patches_is_used_and_exact(monkeypatch):
     target = torch.randn(5, 32, 5, 5) * 0.5
     spy = check_all(Net(conv, False).eval(), x, target)
     assert taken["position gram"] == 2 and taken["other"] == 0 and spy.used["ghost"] == 2
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 11000, 10**9], ids=["one-example", "uneven", "whole-batch"])
+def test_materialized_norms_in_chunks(chunk_bytes, monkeypatch):
+    """Where per-sample gradients are materialized for norms (2 T^2 > p d), they are built a few examples at
+    a time; any chunk size, a last chunk that is shorter, groups and a module called twice give the truth."""
+    import psgrad.rules.conv as conv_rules
+
+    monkeypatch.setattr(conv_rules, "_CHUNK_BYTES", chunk_bytes)
+    chunked = Counter()
+    original = conv_rules._per_sample_in_chunks
+    monkeypatch.setattr(conv_rules, "_per_sample_in_chunks", lambda *a: chunked.update(["taken"]) or original(*a))
+    torch.manual_seed(3)
+    # T = 36, 2 T^2 = 2592 > p d = 18: materialized; 36 * 18 * 2 groups * 4 bytes = 5184 bytes of patches per
+    # example, so 11000 bytes make chunks of 2, 2 and 1 examples once, of 1 example when called twice
+    conv = nn.Conv2d(4, 2, 3, padding=1, groups=2)
+    x = torch.randn(5, 4, 6, 6)
+    check_all(Net(conv, False).eval(), x, torch.randn(5, 2, 6, 6) * 0.5)
+    check_all(Net(conv, True).eval(), x, torch.randn(5, 2, 6, 6) * 0.5)
+    assert chunked["taken"] == 4  # norms and clipped sum, both models

@@ -104,8 +104,9 @@ def ghost_is_cheaper(t: int, p: int, d: int) -> bool:
 
 
 def ghost_sq_norms(aa: Tensor, bb: Tensor) -> Tensor:
-    """``<a_i a_i^T, b_i b_i^T>`` per sample from the two Gram matrices ``[B, T, T]``: ``||b_i^T a_i||_F^2``."""
-    return (aa * bb).sum((1, 2))
+    """``<a_i a_i^T, b_i b_i^T>`` per sample from the two Gram matrices ``[B, T, T]``: ``||b_i^T a_i||_F^2``.
+    ``aa`` is a temporary of the caller's and is overwritten (with the product)."""
+    return aa.mul_(bb).sum((1, 2))
 
 
 def linear_form_clipped(c: Tensor, cache: tuple[Tensor, Tensor] | Tensor) -> Tensor:

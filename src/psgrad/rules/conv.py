@@ -20,6 +20,7 @@ gradients; their forms are concatenated along T, which includes the cross terms 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _stream
+from .. import _alloc, _stream
 from .._errors import UnsupportedModelError
 from ..capture import Call
 from .base import Rule, ghost_is_cheaper, ghost_sq_norms, linear_form_norms, put, sq_norms, weighted_sum
@@ -127,16 +128,75 @@ def _patch_gram(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
     With ``G_i = X_i^T X_i`` the ``[P, P]`` Gram matrix of the input's positions over the channels of a group
     (unpadded: the zero padding adds nothing to a dot product), two patches meet in
     ``sum_k G_i[pos(t) + k d - pad, pos(s) + k d - pad]`` over the kernel offsets k (d the dilation, pos the
-    strided output position), terms outside the input left out. Per offset that is one strided block of G
-    added into a block of the result. Cost ``P^2 C/g + K T^2`` per example and group and no ``[C K, T]``
-    copy, against ``T^2 C K / g`` plus the copy through the patches.
+    strided output position), terms outside the input left out. Per offset that is one block of G added into a
+    block of the result (:func:`_shifted_blocks` where the output has the input's size at stride 1, else
+    :func:`_strided_blocks`). Cost ``P^2 C/g + K T^2`` per example and group and no ``[C K, T]`` copy, against
+    ``T^2 C K / g`` plus the copy through the patches.
     """
     bsz, g, spatial = x.shape[0], module.groups, tuple(x.shape[2:])
     xs = x.reshape(bsz * g, x.shape[1] // g, -1)
-    gram = torch.bmm(xs.transpose(1, 2), xs).view(bsz * g, *spatial, *spatial)
+    positions = xs.shape[2]
+    gram = torch.bmm(xs.transpose(1, 2), xs, out=_alloc.scratch("gram", (bsz * g, positions, positions), x.dtype, x.device))
     size = [(s + 2 * q - d * (k - 1) - 1) // st + 1
             for s, q, k, d, st in zip(spatial, pad, module.kernel_size, module.dilation, module.stride)]
-    total = gram.new_zeros((bsz * g, *size, *size))
+    if list(spatial) == size and all(st == 1 for st in module.stride):
+        return _shifted_blocks(gram, spatial, tuple(module.kernel_size), tuple(module.dilation), pad)
+    return _strided_blocks(gram, module, spatial, size, pad)
+
+
+@functools.lru_cache(maxsize=128)
+def _shift_plan(
+    spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], pad: tuple[int, ...],
+    dtype: torch.dtype, device: torch.device,
+) -> tuple[tuple[int, int, int, Tensor | None], ...]:
+    """Per kernel offset that sees any input: ``(lo, hi, shift, mask)`` for :func:`_shifted_blocks`."""
+    n = len(spatial)
+    flat_stride = [math.prod(spatial[i + 1:]) for i in range(n)]
+    grids = torch.meshgrid(*[torch.arange(s) for s in spatial], indexing="ij")
+    plan = []
+    for offsets in itertools.product(*[range(k) for k in kernel]):
+        moves = [o * d - q for o, d, q in zip(offsets, dilation, pad)]
+        inside = torch.ones(spatial, dtype=torch.bool)
+        for grid, s, m in zip(grids, spatial, moves):
+            inside &= (grid + m >= 0) & (grid + m < s)
+        inside = inside.reshape(-1)
+        where = inside.nonzero().flatten()
+        if where.numel() == 0:
+            continue
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        run = inside[lo:hi]
+        mask = None if bool(run.all()) else (run[:, None] & run[None, :]).to(dtype=dtype, device=device)
+        plan.append((lo, hi, sum(m * f for m, f in zip(moves, flat_stride)), mask))
+    return tuple(plan)
+
+
+def _shifted_blocks(
+    gram: Tensor, spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], pad: tuple[int, ...]
+) -> Tensor:
+    """The patch Gram at stride 1 with outputs of the input's size (``T = P``, e.g. 3x3 convolutions padded by 1).
+
+    Output position t then reads input position ``t + m`` for offset k (``m = k d - pad`` per dimension), which in
+    flattened indices is ``t + shift`` with one ``shift`` per offset. So the offset's term is the block of G shifted
+    by ``shift`` along both axes, restricted to the positions t (and s) whose ``t + m`` is inside the input: a
+    contiguous range ``[lo, hi)`` of flattened positions, and within it a 0/1 mask for the positions that wrap
+    around a row. One product-add of long contiguous rows per offset, where :func:`_strided_blocks` adds short
+    strided ones.
+    """
+    total = _alloc.scratch("patch gram", tuple(gram.shape), gram.dtype, gram.device).zero_()
+    for lo, hi, shift, mask in _shift_plan(spatial, kernel, dilation, pad, gram.dtype, gram.device):
+        block = gram[:, lo + shift:hi + shift, lo + shift:hi + shift]
+        if mask is None:
+            total[:, lo:hi, lo:hi] += block
+        else:
+            total[:, lo:hi, lo:hi].addcmul_(block, mask)
+    return total
+
+
+def _strided_blocks(gram: Tensor, module: nn.Module, spatial: tuple[int, ...], size: list[int], pad: tuple[int, ...]) -> Tensor:
+    """The patch Gram in general: per kernel offset, one strided block of G (viewed ``[B g, *S, *S]``) added
+    into a block of the result (viewed ``[B g, *S', *S']``)."""
+    gram = gram.view(gram.shape[0], *spatial, *spatial)
+    total = gram.new_zeros((gram.shape[0], *size, *size))
     ranges = []  # per dimension, per kernel offset: (output slice, input slice), or None if it sees only padding
     for s, q, k, d, st, t in zip(spatial, pad, module.kernel_size, module.dilation, module.stride, size):
         per_offset = []
@@ -156,7 +216,7 @@ def _patch_gram(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
         ins = tuple(r[1] for r in combo)
         total[(slice(None), *outs, *outs)] += gram[(slice(None), *ins, *ins)]
     t = math.prod(size)
-    return total.view(bsz * g, t, t)
+    return total.view(gram.shape[0], t, t)
 
 
 def _ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> Tensor | None:
@@ -170,7 +230,8 @@ def _ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], g
     if t == 1 or not ghost_is_cheaper(t, p, d) or positions * positions > _POSITION_GRAM_MAX * k * t * t:
         return None
     b = grad.reshape(bsz * g, p, t)
-    return ghost_sq_norms(_patch_gram(module, x, pad), torch.bmm(b.transpose(1, 2), b))
+    bb = torch.bmm(b.transpose(1, 2), b, out=_alloc.scratch("grad gram", (bsz * g, t, t), grad.dtype, grad.device))
+    return ghost_sq_norms(_patch_gram(module, x, pad), bb)
 
 
 def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
@@ -184,6 +245,41 @@ def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> 
     bsz, g = grad.shape[0], module.groups
     b = grad.reshape(bsz * g, module.out_channels // g, -1).transpose(1, 2)
     return _group_patches(module, x, pad), b
+
+
+def _materializes(module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]]) -> bool:
+    """Whether the per-group forms of these calls (T summed over calls) are cheaper materialized."""
+    t = sum(grad[0, 0].numel() for _, _, grad in inputs)
+    p = module.out_channels // module.groups
+    d = module.in_channels // module.groups * math.prod(module.kernel_size)
+    return t > 1 and not ghost_is_cheaper(t, p, d)
+
+
+#: bytes of patches made at once when per-sample gradients are materialized for norms
+_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+def _per_sample_in_chunks(
+    module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """Per-(example, group) squared norms ``[B g]`` and weight gradients ``[B g, p, d]`` summed over calls, built
+    from the patches of a few examples at a time: the same products as one batched product, with transients of
+    ``_CHUNK_BYTES`` instead of all the patches (which, freed, cost page faults when memory is next grown)."""
+    x0, _, grad0 = inputs[0]
+    bsz, g = grad0.shape[0], module.groups
+    p, d = module.out_channels // g, module.in_channels // g * math.prod(module.kernel_size)
+    per_example = sum(grad[0, 0].numel() for _, _, grad in inputs) * d * g * x0.element_size()
+    step = max(1, min(bsz, _CHUNK_BYTES // max(1, per_example)))
+    out = torch.empty(bsz * g, p, d, dtype=grad0.dtype, device=grad0.device)
+    sq = torch.empty(bsz * g, dtype=grad0.dtype, device=grad0.device)
+    for s in range(0, bsz, step):
+        forms = [_forms(module, x[s:s + step], pad, grad[s:s + step]) for x, pad, grad in inputs]
+        a = forms[0][0] if len(forms) == 1 else torch.cat([f[0] for f in forms], 1)
+        b = forms[0][1] if len(forms) == 1 else torch.cat([f[1] for f in forms], 1)
+        rows = slice(s * g, (s + step) * g)
+        torch.bmm(b.transpose(1, 2), a, out=out[rows])
+        sq[rows] = sq_norms(out[rows])
+    return sq, out
 
 
 def _clipped_from_forms(module: nn.Module, c: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -281,6 +377,8 @@ class ConvRule(Rule):
             sq = _ghost_without_patches(module, *inputs[0]) if len(inputs) == 1 else None
             if sq is not None:
                 kept = None
+            elif _materializes(module, inputs):
+                sq, kept = _per_sample_in_chunks(module, inputs)
             else:
                 forms = [_forms(module, *i) for i in inputs]
                 a = forms[0][0] if len(forms) == 1 else torch.cat([f[0] for f in forms], 1)
