@@ -57,7 +57,7 @@ class ClipSpec:
         return cls(mode, max_norm, gamma, dict(groups))
 
     def total_norm(self, sq_norms: Mapping[str, Tensor]) -> Tensor:
-        return torch.stack([s.double() for s in sq_norms.values()]).sum(0).sqrt()
+        return torch.stack(list(sq_norms.values())).double().sum(0).sqrt()
 
     def factors(self, sq_norms: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The clipping factor [B] for each parameter name (equal within a group)."""

@@ -196,6 +196,12 @@ class HooksEngine(Engine):
         sq, work, shared, losses = self._norms_and_caches(model, loss_fn, batch, params, registry, "clipped_grad_sum", True)
         sq = {n: sq[n] for n in params}
         factors = clip.factors(sq)
+        cast: dict[tuple[int, torch.dtype], Tensor] = {}  # each factor in each parameter dtype, converted once
+        for name, c in factors.items():
+            key = (id(c), params[name].dtype)
+            if key not in cast:
+                cast[key] = c.to(params[name].dtype)
+            factors[name] = cast[key]
         summed: dict[str, Tensor] = {}
         for unit, rule, calls, names, cache in work:
             by_factor: dict[int, list[str]] = {}

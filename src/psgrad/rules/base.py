@@ -56,7 +56,7 @@ def sq_norms(g: Tensor) -> Tensor:
 
 def weighted_sum(c: Tensor, per_sample: Tensor) -> Tensor:
     """``sum_i c_i g_i`` over the batch dimension of per-sample values ``[B, *shape]`` (in their dtype)."""
-    return torch.tensordot(c.to(per_sample.dtype), per_sample, dims=([0], [0]))
+    return (c.to(per_sample.dtype) @ per_sample.reshape(per_sample.shape[0], -1)).view(per_sample.shape[1:])
 
 
 def materialize(rule: Rule, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
