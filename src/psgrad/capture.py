@@ -43,6 +43,7 @@ refused with UnsupportedModelError.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,29 @@ class Unit:
     names: dict[str, str]
     label: str
     calls: list[Call] = field(default_factory=list)
+
+
+@functools.cache
+def _tensor_args_spec(n: int) -> Any:
+    """The pytree spec of ``(args, {})`` for ``n`` tensor arguments."""
+    return tree_flatten((tuple(range(n)), {}))[1]
+
+
+_LEAF_SPEC = tree_flatten(0)[1]
+
+
+def _flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """``tree_flatten((args, kwargs))``, without walking pytree for the common call of tensor arguments only."""
+    if not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args):
+        return list(args), _tensor_args_spec(len(args))
+    return tree_flatten((args, kwargs))
+
+
+def _flatten_output(output: Any) -> tuple[list[Any], Any]:
+    """``tree_flatten(output)``, without walking pytree for a single tensor."""
+    if type(output) is Tensor:
+        return [output], _LEAF_SPEC
+    return tree_flatten(output)
 
 
 def _batch_dim(real: torch.Size, probe: torch.Size, b: int, bp: int, what: Callable[[], str]) -> int | None:
@@ -283,9 +307,9 @@ class Capture:
     def _probe_hook(self, unit: Unit, args: tuple, kwargs: dict, output: Any) -> Any:
         index = self._calls_seen.get(id(unit), 0)
         self._calls_seen[id(unit)] = index + 1
-        outs, out_spec = tree_flatten(output)
+        outs, out_spec = _flatten_output(output)
         if self._mode == "probe":
-            leaves, _ = tree_flatten((args, kwargs))
+            leaves, _ = _flatten_call(args, kwargs)
             in_shapes = [t.shape if isinstance(t, Tensor) else None for t in leaves]
             out_shapes = [t.shape if isinstance(t, Tensor) else None for t in outs]
             self._probes.setdefault(id(unit), []).append((in_shapes, out_shapes))
@@ -316,8 +340,8 @@ class Capture:
             )
         in_probe, out_probe = probes[index]
         b, bp = self.batch_size, self.probe_size
-        leaves, spec = tree_flatten((args, kwargs))
-        outs, out_spec = tree_flatten(output)
+        leaves, spec = _flatten_call(args, kwargs)
+        outs, out_spec = _flatten_output(output)
         if len(leaves) != len(in_probe) or len(outs) != len(out_probe):
             raise UnsupportedModelError(f"{unit.label}: its call signature changes with the batch size")
         in_bdims: list[int | None] = []
@@ -333,11 +357,14 @@ class Capture:
                 kept.append(t)
                 versions.append(None)
         call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs))
-        offset = 0
-        for arg in args:  # positional args come first among the leaves of (args, kwargs)
-            n = len(tree_flatten(arg)[0])
-            call.arg_leaves.append(offset if n == 1 else None)
-            offset += n
+        if spec is _tensor_args_spec(len(args)):
+            call.arg_leaves = list(range(len(args)))
+        else:
+            offset = 0
+            for arg in args:  # positional args come first among the leaves of (args, kwargs)
+                n = len(tree_flatten(arg)[0])
+                call.arg_leaves.append(offset if n == 1 else None)
+                offset += n
         changed = False
         for j, t in enumerate(outs):
             if not isinstance(t, Tensor):

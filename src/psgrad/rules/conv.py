@@ -255,7 +255,7 @@ def _materializes(module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, .
     return t > 1 and not ghost_is_cheaper(t, p, d)
 
 
-#: bytes of patches made at once when per-sample gradients are materialized for norms
+#: bytes of patches made at once when per-sample gradients are materialized for norms (CPU; elsewhere at once)
 _CHUNK_BYTES = 4 * 1024 * 1024
 
 
@@ -269,7 +269,7 @@ def _per_sample_in_chunks(
     bsz, g = grad0.shape[0], module.groups
     p, d = module.out_channels // g, module.in_channels // g * math.prod(module.kernel_size)
     per_example = sum(grad[0, 0].numel() for _, _, grad in inputs) * d * g * x0.element_size()
-    step = max(1, min(bsz, _CHUNK_BYTES // max(1, per_example)))
+    step = max(1, min(bsz, _CHUNK_BYTES // max(1, per_example))) if x0.device.type == "cpu" else bsz
     out = torch.empty(bsz * g, p, d, dtype=grad0.dtype, device=grad0.device)
     sq = torch.empty(bsz * g, dtype=grad0.dtype, device=grad0.device)
     for s in range(0, bsz, step):
@@ -374,7 +374,10 @@ class ConvRule(Rule):
         cache: dict[str, Any] = {}
         if "weight" in names:
             inputs = [(*_padded_input(module, c.input(0)), c.grad(0)) for c in calls]
-            sq = _ghost_without_patches(module, *inputs[0]) if len(inputs) == 1 else None
+            # off the CPU the position Gram is not used: there the time goes to launching kernels, and its
+            # block adds take 9 or more launches per layer where the patches' Gram takes two
+            on_cpu = inputs[0][0].device.type == "cpu"
+            sq = _ghost_without_patches(module, *inputs[0]) if len(inputs) == 1 and on_cpu else None
             if sq is not None:
                 kept = None
             elif _materializes(module, inputs):
@@ -399,7 +402,9 @@ class ConvRule(Rule):
                 cache["weight"] = None
                 cache["inputs"] = inputs
         if "bias" in names:
-            bias = sum(c.grad(0).reshape(bsz, module.out_channels, -1).sum(2) for c in calls)
+            bias = calls[0].grad(0).reshape(bsz, module.out_channels, -1).sum(2)
+            for c in calls[1:]:
+                bias = bias + c.grad(0).reshape(bsz, module.out_channels, -1).sum(2)
             cache["bias"] = bias
             norms["bias"] = sq_norms(bias)
         return norms, cache

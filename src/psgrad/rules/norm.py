@@ -11,19 +11,22 @@ per-sample gradients are
 output in place (ResNet's ``out += identity``). Everything is computed in the input's dtype.
 
 The parameters are small (``[B, C]`` or ``[B, *normalized_shape]`` per call), so norms and clipped sums
-use the materializing defaults of :class:`~psgrad.rules.base.Rule`.
+materialize the per-sample gradients: GroupNorm and InstanceNorm straight from the per-channel sums, LayerNorm
+and RMSNorm through the defaults of :class:`~psgrad.rules.base.Rule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..capture import Call
-from .base import Rule, put
+from .base import Rule, put, sq_norms
 from .registry import DEFAULT
 
 #: below this many positions per channel, a product and a sum beat the fused kernel (its CPU version
@@ -48,28 +51,49 @@ def _channel_sums(b: Tensor, x_hat: Tensor) -> tuple[Tensor, Tensor]:
     x3 = x_hat.reshape(1, rows, spatial).contiguous()
     if spatial < _FUSED_MIN_POSITIONS:
         return (b3 * x3).sum(2).view(bsz, channels), b3.sum(2).view(bsz, channels)
-    zero = torch.zeros(1, 1, dtype=x3.dtype, device=x3.device)
-    one = torch.ones(1, 1, dtype=x3.dtype, device=x3.device)
-    # gamma is not read when no input gradient is asked for, but it is passed defined: some releases
-    # (seen with torch 2.11) fail on an undefined optional tensor here ("tensor does not have a device")
-    gamma = torch.ones(rows, dtype=x3.dtype, device=x3.device)
+    zero, one, gamma = _unit_statistics(rows, x3.dtype, x3.device)
     _, dw, db = torch.ops.aten.native_group_norm_backward(
         b3, x3, zero, one, gamma, 1, rows, spatial, 1, [False, True, True]
     )
     return dw.view(bsz, channels), db.view(bsz, channels)
 
 
-def _write_channel_grads(b: Tensor, x_hat: Tensor | None, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-    """Per-sample ``weight``/``bias`` gradients ``[B, C]`` of a channel-affine layer into ``dest``
+@functools.lru_cache(maxsize=64)
+def _unit_statistics(rows: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``mean = 0``, ``rstd = 1`` and a gamma of ones for :func:`_channel_sums` (made once per shape: only read).
+    Gamma is not read when no input gradient is asked for, but it is passed defined: some releases (seen with
+    torch 2.11) fail on an undefined optional tensor there ("tensor does not have a device")."""
+    return (torch.zeros(1, 1, dtype=dtype, device=device), torch.ones(1, 1, dtype=dtype, device=device),
+            torch.ones(rows, dtype=dtype, device=device))
+
+
+def _channel_grads(b: Tensor, x_hat: Tensor | None, names: Collection[str]) -> dict[str, Tensor]:
+    """Per-sample ``weight``/``bias`` gradients ``[B, C]`` of a channel-affine layer, those in ``names``
     (``x_hat`` is needed only for ``weight``)."""
-    if "weight" in dest:
+    if "weight" in names:
         assert x_hat is not None
         w, s = _channel_sums(b, x_hat)
-        put(dest["weight"], w, accumulate)
-    else:
-        s = b.reshape(b.shape[0], b.shape[1], -1).sum(2)
-    if "bias" in dest:
-        put(dest["bias"], s, accumulate)
+        return {"weight": w, "bias": s} if "bias" in names else {"weight": w}
+    return {"bias": b.reshape(b.shape[0], b.shape[1], -1).sum(2)}
+
+
+class _ChannelAffineRule(Rule):
+    """A layer with per-channel ``weight``/``bias`` (``[B, C]`` per example): norms from the per-sample values
+    themselves, summed over calls, with no buffers to fill first; clipped sums by the default weighted sum."""
+
+    def channel_grads(self, module: nn.Module, call: Call, names: Collection[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        for name, value in self.channel_grads(module, call, dest).items():
+            put(dest[name], value, accumulate)
+
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        grads: dict[str, Tensor] = {}
+        for call in calls:
+            for name, value in self.channel_grads(module, call, names).items():
+                grads[name] = grads[name] + value if name in grads else value
+        return {n: sq_norms(g) for n, g in grads.items()}, grads
 
 
 def _write_affine_grads(b: Tensor, x_hat: Tensor | None, ndims: int, dest: Mapping[str, Tensor], accumulate: bool) -> None:
@@ -128,7 +152,7 @@ def _trailing_ok(call: Call, ndims: int) -> str | None:
 
 
 @DEFAULT.register(nn.GroupNorm)
-class GroupNormRule(Rule):
+class GroupNormRule(_ChannelAffineRule):
     """``y = x_hat * weight + bias`` with ``x_hat`` normalized over each group of ``C / G`` channels and all
     spatial positions of one example (biased variance, ``module.eps``).
 
@@ -140,19 +164,18 @@ class GroupNormRule(Rule):
     def check(self, module: nn.GroupNorm, call: Call) -> str | None:
         return _batch_first_only(call, 2)
 
-    def grad_sample(self, module: nn.GroupNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-        b = call.grad(0)
+    def channel_grads(self, module: nn.GroupNorm, call: Call, names: Collection[str]) -> dict[str, Tensor]:
         x_hat = None
-        if "weight" in dest:
+        if "weight" in names:
             x_hat = F.group_norm(call.input(0), module.num_groups, None, None, module.eps)
-        _write_channel_grads(b, x_hat, dest, accumulate)
+        return _channel_grads(call.grad(0), x_hat, names)
 
 
 _INSTANCE_DIMS = ((nn.InstanceNorm1d, 3), (nn.InstanceNorm2d, 4), (nn.InstanceNorm3d, 5))
 
 
 @DEFAULT.register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-class InstanceNormRule(Rule):
+class InstanceNormRule(_ChannelAffineRule):
     """``y = x_hat * weight + bias`` (``affine=True``), ``x_hat`` normalized per example and channel over the
     spatial positions (biased variance, ``module.eps``); in eval mode with ``track_running_stats=True``,
     ``x_hat = (x - running_mean) / sqrt(running_var + eps)`` instead, as in the forward.
@@ -175,18 +198,17 @@ class InstanceNormRule(Rule):
                 return "running statistics are tracked but missing"
         return None
 
-    def grad_sample(
-        self, module: nn.modules.instancenorm._InstanceNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool
-    ) -> None:
-        b = call.grad(0)
+    def channel_grads(
+        self, module: nn.modules.instancenorm._InstanceNorm, call: Call, names: Collection[str]
+    ) -> dict[str, Tensor]:
         x_hat = None
-        if "weight" in dest:
+        if "weight" in names:
             x = call.input(0)
             if module.training or not module.track_running_stats:
                 x_hat = F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
             else:  # eval with running statistics: fixed per-channel affine map, buffers are only read
                 x_hat = F.instance_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-        _write_channel_grads(b, x_hat, dest, accumulate)
+        return _channel_grads(call.grad(0), x_hat, names)
 
 
 @DEFAULT.register(nn.LayerNorm)
