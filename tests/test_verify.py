@@ -103,3 +103,72 @@ def test_tf32_is_named_in_the_report_on_cuda(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     report = psgrad.verify(model, loss, x, y, engines=["hooks"])
     assert report.notes == [] and report.ok
+
+
+class _Kink(nn.Module):
+    """relu(x0 + x1 - 1) scaled: at x = (1, 1e-8) the float32 sum rounds to 0 (ReLU's kink), float64's is 1e-8."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(2, 1), nn.Linear(1, 1)
+        with torch.no_grad():
+            self.inner.weight.fill_(1.0)
+            self.inner.bias.fill_(-1.0)
+            self.outer.weight.fill_(1.5)
+            self.outer.bias.fill_(0.1)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.inner(x)))
+
+
+def _kink_batch():
+    torch.manual_seed(0)
+    x = torch.rand(16, 2) + 0.5  # well inside the ReLU's positive side
+    x[0] = torch.tensor([1.0, 1e-8])
+    return _Kink(), x, torch.randn(16, 1)
+
+
+def _squared(out, target):
+    return (out - target).pow(2).sum(1)
+
+
+def test_an_example_at_a_kink_departs_and_the_float32_loop_stands_in(monkeypatch):
+    """NOTE [float32 departures]: example 0 sits on a ReLU kink in float32 only. Its float64 gradient belongs to
+    the other branch, so against the pure float64 truth every float32 engine fails; with the float32 loop standing
+    in for that one example, the exact engines agree, and the report names the example."""
+    import sys
+
+    verify_module = sys.modules["psgrad.verify"]  # the module (psgrad.verify is also the function)
+    model, x, y = _kink_batch()
+    low = psgrad.per_sample_grads(model, _squared, x, y, engine="loop")
+    exact = psgrad.per_sample_grads(model, _squared, x, y, engine="loop", dtype=torch.float64)
+    assert verify_module.departed(low, exact, torch.float32).nonzero().flatten().tolist() == [0]
+
+    report = psgrad.verify(model, _squared, x, y, engines=["hooks", "vmap"], tasks=("grads", "norms", "clipped"))
+    assert report.ok and len(report.engines) == 6
+    assert any("1 of 16 examples depart" in n and "examples 0;" in n for n in report.notes)
+
+    monkeypatch.setattr(verify_module, "MAX_DEPARTED_FRACTION", 0.0)  # nothing may stand in
+    strict = psgrad.verify(model, _squared, x, y, engines=["hooks"], tasks=("grads",))
+    assert not strict.ok and any("nothing stands in" in n for n in strict.notes)
+
+
+def test_the_bench_truth_for_clipped_sums_stands_in_the_same_way():
+    """The bench's whole-batch clipped-sum truth (one example at a time) finds the same departure, and its sum with
+    the stand-in is the float32 loop's clipped sum at example 0 plus the float64 one elsewhere."""
+    from types import SimpleNamespace
+
+    from psgrad.bench.child import _clipped_truth
+    from psgrad.clipping import flat_factors
+
+    model, x, y = _kink_batch()
+    sums, _, note = _clipped_truth(SimpleNamespace(model=model, loss_fn=_squared, inputs=x, targets=y), 0.5)
+    assert note.startswith("1 of 16 examples depart")
+    low = psgrad.per_sample_grads(model, _squared, x, y, engine="loop")
+    exact = psgrad.per_sample_grads(model, _squared, x, y, engine="loop", dtype=torch.float64)
+    mixed = {n: torch.cat([low[n][:1].double(), exact[n][1:]]) for n in exact}
+    norms = torch.stack([g.reshape(16, -1).pow(2).sum(1) for g in mixed.values()]).sum(0).sqrt()
+    c = flat_factors(norms, 0.5)
+    for n, g in mixed.items():
+        torch.testing.assert_close(sums[n], torch.tensordot(c, g, dims=([0], [0])), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(low["inner.weight"][0].double(), exact["inner.weight"][0])  # it did depart

@@ -208,8 +208,9 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
     dtype = next(p.dtype for p in w.model.parameters() if p.requires_grad)
     k = min(spec.examples, spec.batch_size)
     scale = None
+    note = ""
     if spec.task == "clipped":
-        truth, scale = _clipped_truth(w, max_norm)
+        truth, scale, note = _clipped_truth(w, max_norm)
         got, checked = result, spec.batch_size
     else:
         x, y = _first(w.inputs, k), _first(w.targets, k)
@@ -224,31 +225,53 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
     worst = max(per_param, key=lambda p: p.rel_err)
     return {
         "max_rel_err": worst.rel_err, "examples_checked": checked, "tolerance": tolerance(dtype),
-        "ok": all(p.ok for p in per_param), "worst_parameter": worst.name,
+        "ok": all(p.ok for p in per_param), "worst_parameter": worst.name, "note": note,
     }
 
 
-def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """``sum_i c_i g_i`` in float64, one example at a time (memory: one gradient, not B of them), and
-    each parameter's error scale ``sum_i c_i ||g_i||`` (see NOTE [tolerances] in psgrad.verify)."""
+def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], dict[str, float], str]:
+    """``sum_i c_i g_i`` in float64, one example at a time (memory: one gradient, not B of them), each parameter's
+    error scale ``sum_i c_i ||g_i||`` (see NOTE [tolerances] in psgrad.verify), and a note. Each example also runs
+    in the model's own dtype: where that gradient departs from the float64 one, it stands in for the truth (NOTE
+    [float32 departures] in psgrad.verify), unless too many examples depart."""
     from psgrad.clipping import flat_factors
+    from psgrad.verify import MAX_DEPARTED_FRACTION, departed, departure_note
 
-    model = copy.deepcopy(w.model).double()
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    sums = {n: torch.zeros_like(p) for n, p in named.items()}
-    scale = dict.fromkeys(named, 0.0)
+    dtype = next(p.dtype for p in w.model.parameters() if p.requires_grad)
+    models = {torch.float64: copy.deepcopy(w.model).double()}
+    if dtype != torch.float64:
+        models[dtype] = copy.deepcopy(w.model)
+    named = {d: {n: p for n, p in m.named_parameters() if p.requires_grad} for d, m in models.items()}
+    truth64 = named[torch.float64]
+    # [sums, scales] with the float64 gradient everywhere, and with the stand-ins
+    kept = {kind: ({n: torch.zeros_like(p) for n, p in truth64.items()}, dict.fromkeys(truth64, 0.0))
+            for kind in ("truth", "stand-in")}
+    away = []
     size = _batch_size(w.inputs)
     for i in range(size):
-        x = _cast(_rows(w.inputs, slice(i, i + 1)))
-        y = _cast(_rows(w.targets, slice(i, i + 1)))
-        loss = w.loss_fn(_call(model, x), y).sum()
-        grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, named.values())]
-        c = flat_factors(torch.sqrt(sum(g.pow(2).sum() for g in grads)), max_norm).item()
-        for n, g in zip(named, grads):
-            sums[n].add_(g, alpha=c)
-            scale[n] += c * g.norm().item()
-    return sums, scale
+        grads = {}
+        for d, model in models.items():
+            x, y = _rows(w.inputs, slice(i, i + 1)), _rows(w.targets, slice(i, i + 1))
+            if d == torch.float64:
+                x, y = _cast(x), _cast(y)
+            loss = w.loss_fn(_call(model, x), y).sum()
+            got = torch.autograd.grad(loss, list(named[d].values()), allow_unused=True)
+            grads[d] = {n: (torch.zeros_like(p) if g is None else g).double()
+                        for (n, p), g in zip(named[d].items(), got)}
+        exact = grads[torch.float64]
+        low = grads.get(dtype, exact)
+        if dtype != torch.float64 and bool(departed({n: g[None] for n, g in low.items()},
+                                                    {n: g[None] for n, g in exact.items()}, dtype)[0]):
+            away.append(i)
+        for kind, use in (("truth", exact), ("stand-in", low if away and away[-1] == i else exact)):
+            sums, scale = kept[kind]
+            c = flat_factors(torch.sqrt(sum(g.pow(2).sum() for g in use.values())), max_norm).item()
+            for n, g in use.items():
+                sums[n].add_(g, alpha=c)
+                scale[n] += c * g.norm().item()
+    stand_in = bool(away) and len(away) <= MAX_DEPARTED_FRACTION * size
+    sums, scale = kept["stand-in" if stand_in else "truth"]
+    return sums, scale, departure_note(away, size, stand_in) if away else ""
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -171,7 +171,8 @@ def table_rows(document: dict[str, Any], width: int | None = 160) -> list[list[s
         cut = ""
         if e["status"] in TIMED and wanted and 0 < (st.get("rounds") or 0) < wanted:
             cut = f"{st['rounds']} of {wanted} repeats (--max-time)"
-        text = "; ".join(t for t in (e.get("reason", ""), cut, e.get("note", "")) if t)
+        checked = e.get("agreement", {}).get("note", "")
+        text = "; ".join(t for t in (e.get("reason", ""), cut, e.get("note", ""), checked) if t)
         if width and len(text) > width:
             text = text[: width - 3] + "..."
         rows.append([
