@@ -270,7 +270,7 @@ def _per_sample_in_chunks(
     p, d = module.out_channels // g, module.in_channels // g * math.prod(module.kernel_size)
     per_example = sum(grad[0, 0].numel() for _, _, grad in inputs) * d * g * x0.element_size()
     step = max(1, min(bsz, _CHUNK_BYTES // max(1, per_example))) if x0.device.type == "cpu" else bsz
-    out = torch.empty(bsz * g, p, d, dtype=grad0.dtype, device=grad0.device)
+    out = _alloc.scratch("per-sample conv", (bsz * g, p, d), grad0.dtype, grad0.device)  # read by the clipped sum
     sq = torch.empty(bsz * g, dtype=grad0.dtype, device=grad0.device)
     for s in range(0, bsz, step):
         forms = [_forms(module, x[s:s + step], pad, grad[s:s + step]) for x, pad, grad in inputs]
