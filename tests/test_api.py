@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth
+from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth, truth_clipped_sum
 from torch import nn
 from verify_workloads import Bag
 
@@ -314,3 +314,30 @@ def test_scratch_never_aliases_a_live_temporary():
     del bigger
     psgrad.empty_cache()
     assert "test" not in _alloc._SCRATCH.blocks
+
+
+def test_large_clipped_sums_reuse_released_blocks():
+    """The largest per-layer clipped sums come from kept blocks (NOTE [reusing released result buffers]): never
+    one a caller still holds, and the values are right either way."""
+    psgrad.empty_cache()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1), nn.Flatten())  # 1x1 input: T = 1, a 2.4 MB weight
+    x, y = torch.randn(4, 256, 1, 1), torch.randn(4, 256)
+
+    def loss(out, target):
+        return (out - target).pow(2).sum(1)
+
+    def check(result, scale):
+        assert_close_to_truth(result, truth_clipped_sum(truth(model, loss, x * scale, y), 1.0), label=f"x {scale}")
+
+    first = psgrad.clipped_grad_sum(model, loss, x, y, 1.0)
+    second = psgrad.clipped_grad_sum(model, loss, x * 2, y, 1.0)
+    assert first["0.weight"].untyped_storage().data_ptr() != second["0.weight"].untyped_storage().data_ptr()
+    ptr = second["0.weight"].untyped_storage().data_ptr()
+    check(second, 2)
+    del second
+    third = psgrad.clipped_grad_sum(model, loss, x * 3, y, 1.0)
+    assert third["0.weight"].untyped_storage().data_ptr() == ptr
+    check(third, 3)
+    check(first, 1)  # untouched by the later calls
+    psgrad.empty_cache()

@@ -13,7 +13,8 @@ freed memory back to the host) every fresh buffer is faulted in again at full co
 are carved out of blocks that psgrad keeps after the caller has released them, as PyTorch's CUDA caching
 allocator does on the GPU: a block is handed out again only when no tensor refers to it any more (its
 storage's use count is 1, ours), so a fresh result never aliases a result the caller still holds. At most
-``_POOL_BLOCKS`` blocks are kept; :func:`psgrad.empty_cache` returns them to the system.
+``_POOL_BLOCKS`` blocks are kept; :func:`psgrad.empty_cache` returns them to the system. The largest per-layer
+results of clipped sums (a few MB each, 45 MB in all on ResNet18) are kept the same way, up to ``_SUM_BLOCKS``.
 
 NOTE [scratch for temporaries]
 The norms of the hooks engine make a few temporaries per layer (Gram matrices, a chunk of patches) of a few
@@ -41,6 +42,8 @@ _MADV_HUGEPAGE = 14
 _MIN_BYTES = 2 * _HUGE
 _POOL_MIN_BYTES = 4 * _HUGE
 _POOL_BLOCKS = 2
+_SUM_MIN_BYTES = _HUGE
+_SUM_BLOCKS = 16
 _ALIGN = 64  # bytes between the start of one result and the next
 
 
@@ -77,9 +80,10 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
 
 class _Pool:
-    def __init__(self) -> None:
+    def __init__(self, max_blocks: int) -> None:
         self._blocks: list[torch.UntypedStorage] = []
         self._lock = threading.Lock()
+        self._max_blocks = max_blocks
 
     def take(self, nbytes: int) -> torch.UntypedStorage:
         with self._lock:
@@ -89,7 +93,7 @@ class _Pool:
                     return block
             block = empty((nbytes,), torch.uint8, torch.device("cpu")).untyped_storage()
             self._blocks.append(block)
-            while len(self._blocks) > _POOL_BLOCKS:
+            while len(self._blocks) > self._max_blocks:
                 idle = [b for b in self._blocks if torch._C._storage_Use_Count(b._cdata) == 1 and b is not block]
                 self._blocks.remove(idle[0] if idle else self._blocks[0])
             return block
@@ -99,7 +103,19 @@ class _Pool:
             self._blocks.clear()
 
 
-POOL = _Pool()
+POOL = _Pool(_POOL_BLOCKS)
+#: blocks for the per-layer results of clipped sums (one per parameter of the largest layers)
+SUMS = _Pool(_SUM_BLOCKS)
+
+
+def summed_result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized contiguous tensor for a result the caller keeps (a layer's clipped sum): on the CPU and from
+    ``_SUM_MIN_BYTES`` on, carved from a block released by an earlier result of that size (NOTE [reusing released
+    result buffers]); otherwise ``torch.empty``."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < _SUM_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(0, dtype=dtype).set_(SUMS.take(nbytes), 0, shape)
 
 
 class _Scratch(threading.local):
@@ -129,6 +145,7 @@ def empty_cache() -> None:
     """Release the result buffers and scratch blocks psgrad keeps for reuse (NOTE [reusing released result
     buffers], NOTE [scratch for temporaries])."""
     POOL.clear()
+    SUMS.clear()
     _SCRATCH.blocks.clear()
 
 

@@ -290,7 +290,8 @@ def _clipped_from_forms(module: nn.Module, c: Tensor, a: Tensor, b: Tensor) -> T
     scaled = b * c.to(b.dtype).repeat_interleave(g).view(-1, 1, 1)
     a = a.reshape(bsz, g, t, d).transpose(0, 1).reshape(g, bsz * t, d)
     scaled = scaled.reshape(bsz, g, t, p).transpose(0, 1).reshape(g, bsz * t, p)
-    return torch.bmm(scaled.transpose(1, 2), a).view(module.weight.shape)
+    out = _alloc.summed_result((g, p, d), a.dtype, a.device)
+    return torch.bmm(scaled.transpose(1, 2), a, out=out).view(module.weight.shape)
 
 
 def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, accumulate: bool) -> None:
