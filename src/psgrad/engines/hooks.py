@@ -25,7 +25,7 @@ from .._errors import PsgradError
 from ..capture import Call, Capture, Unit
 from ..clipping import ClipSpec
 from ..rules import DEFAULT, FALLBACK, Registry
-from ..rules.base import materialize, sq_norms, weighted_sum
+from ..rules.base import SMALL_PER_SAMPLE, Rule, materialize, sq_norms, weighted_sum, weighted_sums
 from .base import Engine, LossFn
 
 
@@ -203,19 +203,38 @@ class HooksEngine(Engine):
                 cast[key] = c.to(params[name].dtype)
             factors[name] = cast[key]
         summed: dict[str, Tensor] = {}
+
+        def add(glob: str, value: Tensor) -> None:
+            summed[glob] = summed[glob] + value if glob in summed else value
+
+        # small materialized per-sample gradients (rules with the default clipped sum, e.g. norm layers) are summed
+        # together, one product per clipping factor, dtype and device, instead of one per parameter
+        small: dict[tuple[int, torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
+
+        def defer(glob: str, g: Tensor) -> bool:
+            if g[0].numel() > SMALL_PER_SAMPLE:
+                return False
+            small.setdefault((id(factors[glob]), g.dtype, g.device), []).append((glob, g))
+            return True
+
         for unit, rule, calls, names, cache in work:
             by_factor: dict[int, list[str]] = {}
             for loc, glob in names.items():
+                if type(rule).clipped_sum is Rule.clipped_sum and defer(glob, cache[loc]):
+                    continue
                 by_factor.setdefault(id(factors[glob]), []).append(loc)
             for locs in by_factor.values():
                 c = factors[names[locs[0]]]
                 for loc, value in rule.clipped_sum(unit.module, calls, locs, c, cache).items():
-                    glob = names[loc]
-                    summed[glob] = summed[glob] + value if glob in summed else value
+                    add(names[loc], value)
             for call in calls:
                 call.release()
         for glob, g in shared.items():
-            summed[glob] = weighted_sum(factors[glob], g)
+            if not defer(glob, g):
+                add(glob, weighted_sum(factors[glob], g))
+        for items in small.values():
+            for (glob, _), value in zip(items, weighted_sums(factors[items[0][0]], [g for _, g in items])):
+                add(glob, value)
         for name, p in params.items():
             if name not in summed:
                 summed[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)

@@ -43,7 +43,10 @@ class Rule:
     def clipped_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
     ) -> dict[str, Tensor]:
-        """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned."""
+        """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned.
+        Default: the weighted sum of the cached per-sample gradients (a rule that keeps this default keeps that
+        cache, ``{name: [B, *shape]}``, so that an engine may sum several modules' at once with
+        :func:`weighted_sums`)."""
         return {n: weighted_sum(c, cache[n]) for n in names}
 
 
@@ -57,6 +60,21 @@ def sq_norms(g: Tensor) -> Tensor:
 def weighted_sum(c: Tensor, per_sample: Tensor) -> Tensor:
     """``sum_i c_i g_i`` over the batch dimension of per-sample values ``[B, *shape]`` (in their dtype)."""
     return (c.to(per_sample.dtype) @ per_sample.reshape(per_sample.shape[0], -1)).view(per_sample.shape[1:])
+
+
+#: per-sample tensors up to this many elements per example are summed together by :func:`weighted_sums`
+SMALL_PER_SAMPLE = 4096
+
+
+def weighted_sums(c: Tensor, per_sample: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`weighted_sum` of several per-sample tensors of one dtype and device, as one matrix product over
+    their concatenation (small tensors, e.g. norm layers' ``[B, C]``: one operation instead of one per tensor).
+    The results are views into one tensor."""
+    if len(per_sample) == 1:
+        return [weighted_sum(c, per_sample[0])]
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in per_sample], 1)
+    total = c.to(flat.dtype) @ flat
+    return [part.view(g.shape[1:]) for part, g in zip(total.split([g[0].numel() for g in per_sample]), per_sample)]
 
 
 def materialize(rule: Rule, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
