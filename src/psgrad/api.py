@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -260,6 +262,22 @@ def _check_buffer(buf: Tensor, p: Tensor, where: str, label: str) -> None:
         raise PsgradError(f"{where}: {label} has elements that share memory (an expanded view?); pass a plain buffer")
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """NOTE [no garbage collection during a call]: one call creates thousands of small Python objects (the model
+    guard's records, calls, closures, hook handles), enough to trigger collections, now and then a full one that
+    walks every object of the process: on ResNet18 at batch 128 about one clipped sum in six met one, ~150 ms
+    (16 ms per call on average, against 230 ms calls). Reference counting frees everything a call makes, so with
+    the collector paused for the call (and restored as it was) those objects never count towards a collection."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _run(engine_name, task, where, model, loss_fn, batch, params, options, **kw):
     if not isinstance(engine_name, str):
         raise PsgradError(f"{where}: engine must be a name, got {type(engine_name).__name__}")
@@ -280,7 +298,7 @@ def _run(engine_name, task, where, model, loss_fn, batch, params, options, **kw)
         engine = _engines.ENGINES[name]
         mine = {k: v for k, v in options.items() if k in engine.options}  # auto's fallbacks drop hooks' options
         try:
-            with ModelGuard(model):
+            with _gc_paused(), ModelGuard(model):
                 return getattr(engine, task)(model, loss_fn, batch, params, **kw, **mine)
         except UnsupportedModelError as exc:
             if engine_name != "auto" or i == len(candidates) - 1:

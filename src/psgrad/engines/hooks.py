@@ -11,9 +11,7 @@ and the ``B x P`` per-sample gradients are never allocated.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -58,21 +56,6 @@ def _fresh(params: Mapping[str, nn.Parameter], size: int) -> dict[str, Tensor]:
     for (dtype, device), shapes in by_kind.items():
         out.update(_alloc.results(shapes, dtype, device))
     return {n: out[n] for n in params}
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """NOTE [no garbage collection during a call]: one call creates a few thousand small Python objects
-    (calls, closures, hook handles), enough to trigger full collections that walk every object of the
-    process (a model's modules and tensors): about 5% of a call on ResNet18. Reference counting frees
-    everything the call made; the collector is paused for the call only and restored as it was."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _rule_for(unit: Unit, call: Call) -> Any:
@@ -122,7 +105,7 @@ class HooksEngine(Engine):
                 written.update(unit.names.values())
             call.release()
 
-        with capture, _gc_paused():
+        with capture:
             capture.probe(model, batch)
             losses = check_losses(loss_fn(capture.forward(model, batch), batch.targets), batch.size, "per_sample_grads")
             capture.backward(losses.sum(), on_ready)
@@ -176,7 +159,7 @@ class HooksEngine(Engine):
             if waiting[id(unit)] == 0:
                 process(unit)
 
-        with capture, _gc_paused():
+        with capture:
             capture.probe(model, batch)
             losses = check_losses(loss_fn(capture.forward(model, batch), batch.targets), batch.size, where)
             waiting.update({id(u): len(u.calls) for u in units})
