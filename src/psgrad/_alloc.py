@@ -108,14 +108,19 @@ POOL = _Pool(_POOL_BLOCKS)
 SUMS = _Pool(_SUM_BLOCKS)
 
 
+def _on(block: torch.UntypedStorage, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous ``shape`` tensor of ``dtype`` on a kept block, starting ``offset`` elements in."""
+    return torch.empty(0, dtype=dtype).set_(block, offset, tuple(shape))
+
+
 def summed_result(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialized contiguous tensor for a result the caller keeps (a layer's clipped sum): on the CPU and from
     ``_SUM_MIN_BYTES`` on, carved from a block released by an earlier result of that size (NOTE [reusing released
     result buffers]); otherwise ``torch.empty``."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < _SUM_MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    return torch.empty(0, dtype=dtype).set_(SUMS.take(nbytes), 0, shape)
+    return _on(SUMS.take(nbytes), dtype, 0, shape)
 
 
 class _Scratch(threading.local):
@@ -131,14 +136,14 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     a plain ``torch.empty`` off the CPU or while an earlier temporary of that name is still alive."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     block = _SCRATCH.blocks.get(name)
     if block is not None and torch._C._storage_Use_Count(block._cdata) != 1:
         return torch.empty(shape, dtype=dtype, device=device)
     if block is None or block.nbytes() < nbytes:
         block = torch.empty((max(nbytes, 1),), dtype=torch.uint8).untyped_storage()
         _SCRATCH.blocks[name] = block
-    return torch.empty(0, dtype=dtype).set_(block, 0, shape)
+    return _on(block, dtype, 0, shape)
 
 
 def empty_cache() -> None:
@@ -151,7 +156,7 @@ def empty_cache() -> None:
 
 def results(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Fresh contiguous tensors of the given shapes; large CPU ones share a reused block (see the NOTEs)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     sizes = {n: math.prod(s) * itemsize for n, s in shapes.items()}
     offsets, total = {}, 0
     for n, size in sizes.items():
@@ -160,9 +165,4 @@ def results(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype, device: t
     if torch.device(device).type != "cpu" or total < _POOL_MIN_BYTES:
         return {n: empty(tuple(s), dtype, torch.device(device)) for n, s in shapes.items()}
     block = POOL.take(total)
-    out = {}
-    for n, shape in shapes.items():
-        t = torch.empty(0, dtype=dtype)
-        t.set_(block, offsets[n] // itemsize, tuple(shape))
-        out[n] = t
-    return out
+    return {n: _on(block, dtype, offsets[n] // itemsize, shape) for n, shape in shapes.items()}

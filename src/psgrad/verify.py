@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from .api import clipped_grad_sum, per_sample_grads, per_sample_norms
 from .api import engines as available_engines
 from .clipping import flat_factors
+from .rules.base import sq_norms
 
 FLOOR_FRACTION = 1e-3
 MAX_DEPARTED_FRACTION = 1 / 16
@@ -147,8 +148,8 @@ def departed(low: Mapping[str, Tensor], truth: Mapping[str, Tensor], dtype: torc
     """Per example ``[B]``: whether its gradient in the model's dtype (``low``, e.g. the float32 loop) is more than
     the tolerance from its float64 gradient (``truth``), relative to the norm of that gradient over all
     parameters (NOTE [float32 departures])."""
-    diff = torch.stack([(low[n].double() - t.double()).reshape(len(t), -1).pow(2).sum(1) for n, t in truth.items()])
-    size = torch.stack([t.double().reshape(len(t), -1).pow(2).sum(1) for t in truth.values()])
+    diff = torch.stack([sq_norms(low[n].double() - t.double()) for n, t in truth.items()])
+    size = torch.stack([sq_norms(t.double()) for t in truth.values()])
     norm = size.sum(0).sqrt()
     floor = FLOOR_FRACTION * float(norm.max()) if norm.numel() else 0.0
     return diff.sum(0).sqrt() > tolerance(dtype) * norm.clamp(min=floor or torch.finfo(torch.float64).tiny)
@@ -214,7 +215,7 @@ def verify(
             if stand_in:
                 truth = {n: torch.where(away.view(-1, *[1] * (t.dim() - 1)).to(t.device), low[n].to(t.dtype), t)
                          for n, t in truth.items()}
-    sq = {n: g.double().reshape(len(g), -1).pow(2).sum(1) for n, g in truth.items()}
+    sq = {n: sq_norms(g.double()) for n, g in truth.items()}
     true_norms = torch.stack(list(sq.values())).sum(0).sqrt()
     bound = 0.5 * true_norms.median().item()
     if bound <= 0:

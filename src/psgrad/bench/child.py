@@ -243,9 +243,18 @@ def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], d
         models[dtype] = copy.deepcopy(w.model)
     named = {d: {n: p for n, p in m.named_parameters() if p.requires_grad} for d, m in models.items()}
     truth64 = named[torch.float64]
-    # [sums, scales] with the float64 gradient everywhere, and with the stand-ins
-    kept = {kind: ({n: torch.zeros_like(p) for n, p in truth64.items()}, dict.fromkeys(truth64, 0.0))
-            for kind in ("truth", "stand-in")}
+    sums = {n: torch.zeros_like(p) for n, p in truth64.items()}
+    scale = dict.fromkeys(truth64, 0.0)
+    # what the stand-ins change: their clipped gradient in, the float64 one out (made at the first departure)
+    change: dict[str, Tensor] = {}
+    change_scale = dict.fromkeys(truth64, 0.0)
+
+    def add(into: dict[str, Tensor], into_scale: dict[str, float], grads: dict[str, Tensor], sign: float) -> None:
+        c = flat_factors(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())), max_norm).item()
+        for n, g in grads.items():
+            into[n].add_(g, alpha=sign * c)
+            into_scale[n] += sign * c * g.norm().item()
+
     away = []
     size = _batch_size(w.inputs)
     for i in range(size):
@@ -259,18 +268,19 @@ def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], d
             grads[d] = {n: (torch.zeros_like(p) if g is None else g).double()
                         for (n, p), g in zip(named[d].items(), got)}
         exact = grads[torch.float64]
+        add(sums, scale, exact, 1.0)
         low = grads.get(dtype, exact)
         if dtype != torch.float64 and bool(departed({n: g[None] for n, g in low.items()},
                                                     {n: g[None] for n, g in exact.items()}, dtype)[0]):
             away.append(i)
-        for kind, use in (("truth", exact), ("stand-in", low if away and away[-1] == i else exact)):
-            sums, scale = kept[kind]
-            c = flat_factors(torch.sqrt(sum(g.pow(2).sum() for g in use.values())), max_norm).item()
-            for n, g in use.items():
-                sums[n].add_(g, alpha=c)
-                scale[n] += c * g.norm().item()
+            change = change or {n: torch.zeros_like(g) for n, g in sums.items()}
+            add(change, change_scale, low, 1.0)
+            add(change, change_scale, exact, -1.0)
     stand_in = bool(away) and len(away) <= MAX_DEPARTED_FRACTION * size
-    sums, scale = kept["stand-in" if stand_in else "truth"]
+    if stand_in:
+        for n in sums:
+            sums[n].add_(change[n])
+            scale[n] += change_scale[n]
     return sums, scale, departure_note(away, size, stand_in) if away else ""
 
 

@@ -247,6 +247,17 @@ def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> 
     return _group_patches(module, x, pad), b
 
 
+def _calls_forms(
+    module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]], rows: slice = slice(None)
+) -> tuple[Tensor, Tensor]:
+    """The forms of several calls (examples ``rows`` of each) concatenated along T, which sums the calls'
+    gradients, cross terms included: a ``[B g, T, d]``, b ``[B g, T, p]``."""
+    forms = [_forms(module, x[rows], pad, grad[rows]) for x, pad, grad in inputs]
+    if len(forms) == 1:
+        return forms[0]
+    return torch.cat([f[0] for f in forms], 1), torch.cat([f[1] for f in forms], 1)
+
+
 def _materializes(module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]]) -> bool:
     """Whether the per-group forms of these calls (T summed over calls) are cheaper materialized."""
     t = sum(grad[0, 0].numel() for _, _, grad in inputs)
@@ -273,9 +284,7 @@ def _per_sample_in_chunks(
     out = _alloc.scratch("per-sample conv", (bsz * g, p, d), grad0.dtype, grad0.device)  # read by the clipped sum
     sq = torch.empty(bsz * g, dtype=grad0.dtype, device=grad0.device)
     for s in range(0, bsz, step):
-        forms = [_forms(module, x[s:s + step], pad, grad[s:s + step]) for x, pad, grad in inputs]
-        a = forms[0][0] if len(forms) == 1 else torch.cat([f[0] for f in forms], 1)
-        b = forms[0][1] if len(forms) == 1 else torch.cat([f[1] for f in forms], 1)
+        a, b = _calls_forms(module, inputs, slice(s, s + step))
         rows = slice(s * g, (s + step) * g)
         torch.bmm(b.transpose(1, 2), a, out=out[rows])
         sq[rows] = sq_norms(out[rows])
@@ -384,11 +393,7 @@ class ConvRule(Rule):
             elif _materializes(module, inputs):
                 sq, kept = _per_sample_in_chunks(module, inputs)
             else:
-                forms = [_forms(module, *i) for i in inputs]
-                a = forms[0][0] if len(forms) == 1 else torch.cat([f[0] for f in forms], 1)
-                b = forms[0][1] if len(forms) == 1 else torch.cat([f[1] for f in forms], 1)
-                sq, kept = linear_form_norms(a, b)  # per (example, group)
-                del forms, a, b
+                sq, kept = linear_form_norms(*_calls_forms(module, inputs))  # per (example, group)
             norms["weight"] = sq.view(bsz, g).sum(1)
             if isinstance(kept, Tensor):  # materialized: [B g, p, d] is the weight layout [B, C_out, C_in/g * K]
                 cache["weight"] = kept.view(bsz, *module.weight.shape)
