@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: bench test lint venv clean
 
-$(STAMP): pyproject.toml setup.py src/psgrad/_cstream.c
+$(STAMP): pyproject.toml setup.py src/psgrad/_memory/_cstream.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"

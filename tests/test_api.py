@@ -263,7 +263,7 @@ def test_train_mode_kept(engine):
 
 
 def test_released_result_buffers_are_reused_only_when_nothing_refers_to_them(monkeypatch):
-    from psgrad import _alloc
+    from psgrad._memory import alloc as _alloc
 
     monkeypatch.setattr(_alloc, "_POOL_MIN_BYTES", 0)  # pool even this small model's results
     psgrad.empty_cache()
@@ -297,7 +297,7 @@ def test_cuda_matches_truth(engine):
 
 def test_scratch_never_aliases_a_live_temporary():
     """NOTE [scratch for temporaries]: a named block is reused once nothing refers to it, and only then."""
-    from psgrad import _alloc
+    from psgrad._memory import alloc as _alloc
 
     cpu = torch.device("cpu")
     psgrad.empty_cache()

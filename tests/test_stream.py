@@ -1,4 +1,4 @@
-"""Streaming writes of per-sample products (NOTE [streaming writes] in psgrad._stream)."""
+"""Streaming writes of per-sample products (NOTE [streaming writes] in psgrad._memory.stream)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from helpers import assert_close_to_truth, truth
 from torch import nn
 
 import psgrad
-from psgrad import _stream
+from psgrad._memory import stream as _stream
 
-needs_extension = pytest.mark.skipif(not _stream.available(), reason="the C extension psgrad._cstream is not built")
+needs_extension = pytest.mark.skipif(not _stream.available(), reason="the C extension psgrad._memory._cstream is not built")
 
 
 def test_extension_is_built_where_required():

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from ._errors import MissingDependencyError, PsgradError, UnsupportedModelError
+from .errors import MissingDependencyError, PsgradError, UnsupportedModelError
 from .api import clipped_grad_sum, empty_cache, engines, parameter_groups, per_sample_grads, per_sample_norms
 from .verify import verify
 

@@ -35,7 +35,7 @@ def verify_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
 
     from . import verify, workloads
-    from .report import verify_table
+    from .verify.table import verify_table
 
     w = workloads.make(args.workload, args.batch_size, args.device)
     w.model.eval()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._errors import PsgradError
+from .errors import PsgradError
 
 MODES = ("flat", "per_layer", "automatic")
 

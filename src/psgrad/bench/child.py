@@ -146,7 +146,7 @@ def _opacus_dp_step(spec: RowSpec, w: Any, max_norm: float | None) -> Step:
     """Opacus's DP step with noise 0: forward, backward and clipping (the optimizer's pre-step), in its
     ``hooks`` or ``ghost`` mode. Opacus records activations only in training mode, so the model runs in it;
     the named workloads compute the same in both modes (no dropout, no batch norm)."""
-    from psgrad._errors import require
+    from psgrad.errors import require
 
     opacus = require("opacus", "peers", "the opacus-dp rows")
     from torch.utils.data import DataLoader, TensorDataset

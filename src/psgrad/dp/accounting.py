@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .._errors import MissingDependencyError, PsgradError
+from ..errors import MissingDependencyError, PsgradError
 
 METHODS = ("rdp", "pld")
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 from .optimizer import DPSGD
 from .sampling import PoissonSampler
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .._errors import MissingDependencyError, PsgradError
+from ..errors import MissingDependencyError, PsgradError
 from .accounting import METHODS, noise_multiplier_for
 from .checkpoint import load_checkpoint, save_checkpoint
 from .digits import Digits, convnet, evaluate, load_digits

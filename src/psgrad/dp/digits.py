@@ -24,7 +24,7 @@ def load_digits() -> Digits:
         from sklearn.datasets import load_digits as sk_load
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        from .._errors import MissingDependencyError
+        from ..errors import MissingDependencyError
 
         raise MissingDependencyError(
             "psgrad train needs scikit-learn for its data set; install it with: pip install 'psgrad[dp]'"

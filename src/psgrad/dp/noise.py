@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 
 _MANTISSA = (1 << 53) - 1
 _CHUNK = 1 << 20  # normals per os.urandom call: bounds the float64 temporaries at a few MB

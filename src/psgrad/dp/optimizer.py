@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 import psgrad
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 from ..api import parameter_groups
 from .accounting import Accountant, check_method, check_noise_multiplier
 from .noise import NoiseSource, SecureNoise, SeededNoise

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 from .noise import secure_uniform
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 from .base import Engine
 from .expanded import ExpandedEngine
 from .hooks import HooksEngine

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .._batch import Batch
+from ..batch import Batch
 from ..clipping import ClipSpec
 from ..rules.base import sq_norms, weighted_sum
 

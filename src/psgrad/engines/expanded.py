@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._batch import Batch, as_args_kwargs, check_losses
+from ..batch import Batch, as_args_kwargs, check_losses
 from .base import Engine, LossFn, write
 
 

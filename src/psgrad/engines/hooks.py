@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _alloc
-from .._batch import Batch, check_losses
-from .._errors import PsgradError
+from .._memory import alloc as _alloc
+from ..batch import Batch, check_losses
+from ..errors import PsgradError
 from ..capture import Call, Capture, Unit
 from ..clipping import ClipSpec
 from ..rules import DEFAULT, FALLBACK, Registry

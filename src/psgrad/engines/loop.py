@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._batch import Batch, check_losses
+from ..batch import Batch, check_losses
 from .base import Engine, LossFn
 
 

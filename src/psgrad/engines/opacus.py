@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._batch import Batch, as_args_kwargs, check_losses
-from .._errors import require
+from ..batch import Batch, as_args_kwargs, check_losses
+from ..errors import require
 from .base import Engine, LossFn, write
 
 

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .._batch import Batch, as_args_kwargs, check_losses, map_tensors
-from .._errors import PsgradError, UnsupportedModelError
+from ..batch import Batch, as_args_kwargs, check_losses, map_tensors
+from ..errors import PsgradError, UnsupportedModelError
 from .base import Engine, LossFn, write
 
 

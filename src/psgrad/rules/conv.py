@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _alloc, _stream
-from .._errors import UnsupportedModelError
+from .._memory import alloc as _alloc, stream as _stream
+from ..errors import UnsupportedModelError
 from ..capture import Call
 from .base import Rule, ghost_is_cheaper, ghost_sq_norms, linear_form_norms, put, sq_norms, weighted_sum
 from .registry import DEFAULT
@@ -313,7 +313,7 @@ def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, a
     if accumulate:
         view.baddbmm_(x, y)
     elif _stream.products_into(view, x, y):
-        return  # short T: written with streaming stores (NOTE [streaming writes] in psgrad._stream)
+        return  # short T: written with streaming stores (NOTE [streaming writes] in psgrad._memory.stream)
     else:
         torch.bmm(x, y, out=view)
 

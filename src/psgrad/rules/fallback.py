@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..capture import Call
 from .base import Rule, put
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _stream
+from .._memory import stream as _stream
 from ..capture import Call
 from .base import Rule, linear_form_clipped, linear_form_norms, sq_norms
 from .registry import DEFAULT
@@ -45,7 +45,7 @@ class LinearRule(Rule):
             if accumulate:
                 w.baddbmm_(b.transpose(1, 2), a)
             elif _stream.products_into(w, b.transpose(1, 2), a):
-                pass  # short T: written with streaming stores (NOTE [streaming writes] in psgrad._stream)
+                pass  # short T: written with streaming stores (NOTE [streaming writes] in psgrad._memory.stream)
             else:
                 torch.bmm(b.transpose(1, 2), a, out=w)
         if "bias" in dest:

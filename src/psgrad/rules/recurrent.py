@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_unflatten
 
-from .._errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..capture import Call
 from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms
 from .registry import DEFAULT

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .._errors import PsgradError
+from ..errors import PsgradError
 from .base import Workload
 from .sequence import gpt2_tiny, lstm_text, transformer
 from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop, vit_tiny, wrn16_4_gn

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._errors import require
+from ..errors import require
 from .base import Workload, seeded
 
 SEQUENCE = 128

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._errors import require
+from ..errors import require
 from .base import Workload, seeded
 
 CLASSES = 10

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .verify import Report
+from . import Report
 
 
 def _fmt(x: float) -> str:

@@ -11,13 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _alloc
-from . import engines as _engines
-from ._batch import Batch
-from ._checks import check_model
-from ._errors import PsgradError, UnsupportedModelError
-from ._guard import ModelGuard
-from .clipping import ClipSpec
+from .._memory import alloc as _alloc
+from .. import engines as _engines
+from ..batch import Batch
+from .checks import check_model
+from ..errors import PsgradError, UnsupportedModelError
+from .guard import ModelGuard
+from ..clipping import ClipSpec
 
 LossFn = Callable[[Any, Tensor | None], Tensor]
 

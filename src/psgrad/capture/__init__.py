@@ -52,8 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._batch import Batch
-from ._errors import UnsupportedModelError
+from ..batch import Batch
+from ..errors import UnsupportedModelError
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._errors import PsgradError
+from ..errors import PsgradError
 
 
 def check_model(model: nn.Module, where: str) -> None:

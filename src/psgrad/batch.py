@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._errors import PsgradError
+from .errors import PsgradError
 
 
 @dataclass(frozen=True)

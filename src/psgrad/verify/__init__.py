@@ -52,10 +52,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .api import clipped_grad_sum, per_sample_grads, per_sample_norms
-from .api import engines as available_engines
-from .clipping import flat_factors
-from .rules.base import sq_norms
+from ..api import clipped_grad_sum, per_sample_grads, per_sample_norms
+from ..api import engines as available_engines
+from ..clipping import flat_factors
+from ..rules.base import sq_norms
 
 FLOOR_FRACTION = 1e-3
 MAX_DEPARTED_FRACTION = 1 / 16
