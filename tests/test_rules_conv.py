@@ -41,7 +41,7 @@ class SpyRule(ConvRule):
         norms, cache = super().norm_sample(module, calls, names)
         self.used["norm_sample"] += 1
         if "weight" in names:
-            self.used["ghost" if cache["weight"] is None else "materialized"] += 1
+            self.used["ghost" if cache.per_sample is None else "materialized"] += 1
         return norms, cache
 
     def clipped_sum(self, module, calls, names, c, cache):
@@ -325,8 +325,9 @@ def test_patches_equal_unfold(stride, padding, dilation):
 def test_patch_gram_equals_gram_of_patches(conv, size, monkeypatch):
     """The position-Gram route (shifted blocks of X^T X) gives the patches' Gram U^T U, group by group, by
     whichever of its two block layouts applies (same-size outputs at stride 1, or any other)."""
-    import psgrad.rules.conv as conv_rules
-    from psgrad.rules.conv import _padded_input, _patch_gram, _patches
+    import psgrad.rules.conv_gram as conv_rules
+    from psgrad.rules.conv import _padded_input, _patches
+    from psgrad.rules.conv_gram import patch_gram as _patch_gram
 
     routes = Counter()
     for name in ("_shifted_blocks", "_strided_blocks"):
@@ -350,14 +351,14 @@ def test_ghost_norm_without_patches_is_used_and_exact(monkeypatch):
     import psgrad.rules.conv as conv_rules
 
     taken = Counter()
-    original = conv_rules._ghost_without_patches
+    original = conv_rules.ghost_without_patches
 
     def counting(*args):
         result = original(*args)
         taken["position gram" if result is not None else "other"] += 1
         return result
 
-    monkeypatch.setattr(conv_rules, "_ghost_without_patches", counting)
+    monkeypatch.setattr(conv_rules, "ghost_without_patches", counting)
     torch.manual_seed(2)
     conv = nn.Conv2d(32, 32, 3, padding=1)  # T = 25, 2 T^2 = 1250 <= p d = 9216; P^2 = 2401 <= K T^2 = 5625
     x = torch.randn(5, 32, 5, 5)

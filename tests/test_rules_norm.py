@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import psgrad
-from psgrad.capture import Call
 from psgrad.rules import DEFAULT, Registry
+from psgrad.rules.call import Call
 from psgrad.rules.norm import (
     _FUSED_MIN_POSITIONS,
     GroupNormRule,
@@ -151,7 +151,7 @@ def test_groupnorm_flat_output_and_params_subset():
 
 def _call(module: nn.Module, x: torch.Tensor, bdim: int | None, batch_size: int) -> Call:
     """A hand-made captured call with one positional tensor input whose batch is at ``bdim``."""
-    return Call(module, batch_size, [x], None, [bdim], [x._version], [bdim], [x.shape], [None], arg_leaves=[0])
+    return Call.of_tensors(module, batch_size, [(x, bdim)], [(x.shape, bdim)])
 
 
 def test_batch_not_at_dim0_is_refused_by_channel_norms():

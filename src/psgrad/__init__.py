@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .errors import MissingDependencyError, PsgradError, UnsupportedModelError
 from .api import clipped_grad_sum, empty_cache, engines, parameter_groups, per_sample_grads, per_sample_norms
+from .errors import MissingDependencyError, PsgradError, UnsupportedModelError
 from .verify import verify
 
 __all__ = [

@@ -15,6 +15,9 @@ from torch import Tensor
 
 from .errors import PsgradError
 
+#: ``loss_fn(outputs, targets) -> [B]``: the per-sample losses every public call takes
+LossFn = Callable[[Any, Tensor | None], Tensor]
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -23,7 +26,9 @@ class Batch:
     size: int
 
     @classmethod
-    def make(cls, inputs: Any, targets: Tensor | None, where: str) -> Batch:
+    def make(cls, inputs: Any, targets: Tensor | None, where: str, allow_empty: bool = False) -> Batch:
+        """Check ``inputs`` and ``targets`` and find the batch size (dimension 0 of every tensor); an empty
+        batch is an error unless ``allow_empty``."""
         if not isinstance(inputs, (Tensor, tuple, list, Mapping)):
             raise PsgradError(
                 f"{where}: inputs must be a tensor, a tuple or a dict of model arguments, "
@@ -52,7 +57,7 @@ class Batch:
                     f"{where}: inputs have batch size {size} but targets have shape {shape}; "
                     "targets need the same batch size in dimension 0"
                 )
-        if size == 0:
+        if size == 0 and not allow_empty:
             raise PsgradError(f"{where}: the batch is empty (batch size 0); pass at least one example")
         return cls(inputs, targets, int(size))
 

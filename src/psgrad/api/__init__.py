@@ -5,21 +5,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._memory import alloc as _alloc
 from .. import engines as _engines
-from ..batch import Batch
-from .checks import check_model
-from ..errors import PsgradError, UnsupportedModelError
-from .guard import ModelGuard
+from .._memory import alloc as _alloc
+from ..batch import Batch, LossFn
 from ..clipping import ClipSpec
-
-LossFn = Callable[[Any, Tensor | None], Tensor]
+from ..errors import PsgradError, UnsupportedModelError
+from .checks import check_model
+from .guard import ModelGuard
 
 
 def empty_cache() -> None:

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 import psgrad
 
-from ..errors import PsgradError
 from ..api import parameter_groups
+from ..errors import PsgradError
 from .accounting import Accountant, check_method, check_noise_multiplier
 from .noise import NoiseSource, SecureNoise, SeededNoise
 from .sampling import check_sample_rate

@@ -8,16 +8,14 @@ sums have a materializing default here (through :func:`grads`); the hooks engine
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..batch import Batch
+from ..batch import Batch, LossFn
 from ..clipping import ClipSpec
 from ..rules.base import sq_norms, weighted_sum
-
-LossFn = Callable[[Any, Tensor | None], Tensor]
 
 
 class Engine:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batch import Batch, as_args_kwargs, check_losses
-from .base import Engine, LossFn, write
+from ..batch import Batch, LossFn, as_args_kwargs, check_losses
+from .base import Engine, write
 
 
 class ExpandedEngine(Engine):

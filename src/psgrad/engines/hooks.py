@@ -1,42 +1,56 @@
 """The fast engine: one forward and one backward, capturing each layer, then per-layer rules.
 
-The plan assigns every trainable parameter to the module that owns it, and that module to the rule for
-its type (resolved through the class hierarchy) or to the generic fallback. :class:`~psgrad.capture.Capture`
-records the calls; as soon as a call has all its output gradients, its rule runs and the captured tensors
-are released. Norms and clipped sums reuse the same capture: each module's rule computes per-sample norms
-(ghost norm or a transient materialization) and keeps what its clipped sum needs; once all norms are known
-the clipping factors follow, and each module's clipped sum is one weighted product. No second backward,
-and the ``B x P`` per-sample gradients are never allocated.
+The plan assigns every trainable parameter to the module that owns it, and that module to the rule the registry
+resolves for it (the generic rule where none serves). :class:`~psgrad.capture.Capture` records the calls; as soon
+as a call has all its output gradients, its rule runs and the captured tensors are released. Norms and clipped
+sums reuse the same capture: each module's rule computes per-sample norms (ghost norm or a transient
+materialization) and keeps what its clipped sum needs; once all norms are known the clipping factors follow,
+and each module's clipped sum is one weighted product. No second backward, and the ``B x P`` per-sample
+gradients are never allocated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._memory import alloc as _alloc
-from ..batch import Batch, check_losses
-from ..errors import PsgradError
-from ..capture import Call, Capture, Unit
+from ..batch import Batch, LossFn, check_losses
+from ..capture import Capture, Unit
 from ..clipping import ClipSpec
+from ..errors import PsgradError
 from ..rules import DEFAULT, FALLBACK, Registry
 from ..rules.base import SMALL_PER_SAMPLE, Rule, materialize, sq_norms, weighted_sum, weighted_sums
-from .base import Engine, LossFn
+from ..rules.call import Call
+from .base import Engine
 
 
-def plan(model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registry) -> list[Unit]:
-    """One unit per module that owns wanted parameters: ``{local name: result name}`` and its rule."""
+@dataclass(eq=False)
+class Planned:
+    """One unit of the plan: the captured unit, the rule for it, its parameters ``{local name: result name}``,
+    and why the generic rule took it where it did."""
+
+    unit: Unit
+    rule: Rule
+    names: dict[str, str]
+    reason: str | None = None
+
+
+def plan(model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registry) -> list[Planned]:
+    """One unit per module that owns wanted parameters, with the rule the registry resolves for it."""
     wanted = {id(p): name for name, p in params.items()}
     claimed: set[int] = set()
-    units = []
+    planned = []
     for mname, module in model.named_modules():
         if id(module) in claimed:
             continue
-        rule = registry.lookup(type(module))
-        if rule is not None and rule.claims_children:
+        found = registry.resolve(module)
+        registered = registry.lookup(type(module))
+        if registered is not None and registered.claims_children:
             claimed.update(id(m) for m in module.modules())
             owned = module.named_parameters()
         else:
@@ -44,8 +58,10 @@ def plan(model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registr
         names = {local: wanted[id(p)] for local, p in owned if id(p) in wanted}
         if names:
             label = f"{mname or type(model).__name__} ({type(module).__name__})"
-            units.append(Unit(module, rule if rule is not None else FALLBACK, names, label))
-    return units
+            unit = Unit(module, label, {glob: module.get_parameter(loc) for loc, glob in names.items()})
+            rule = found.rule if found.rule is not None else FALLBACK
+            planned.append(Planned(unit, rule, names, found.reason))
+    return planned
 
 
 def _fresh(params: Mapping[str, nn.Parameter], size: int) -> dict[str, Tensor]:
@@ -58,10 +74,34 @@ def _fresh(params: Mapping[str, nn.Parameter], size: int) -> dict[str, Tensor]:
     return {n: out[n] for n in params}
 
 
-def _rule_for(unit: Unit, call: Call) -> Any:
-    if unit.rule is not FALLBACK and unit.rule.check(unit.module, call) is not None:
+def _rule_for(item: Planned, call: Call) -> Rule:
+    """The unit's rule, unless it declines this call (then the generic rule)."""
+    if item.rule is not FALLBACK and item.rule.check(item.unit.module, call) is not None:
         return FALLBACK
-    return unit.rule
+    return item.rule
+
+
+@dataclass(eq=False)
+class _Kept:
+    """What one unit's clipped sum still needs after its norms: the rule, the calls it reads, the parameters
+    ``{local name: result name}`` and the rule's cache."""
+
+    item: Planned
+    rule: Rule
+    calls: list[Call]
+    names: dict[str, str]
+    cache: Any
+
+
+@dataclass
+class _Norms:
+    """The result of the norm pass: squared norms per result name, the summed per-sample gradients of parameters
+    owned by several units (or split between rules), what the clipped sums need, and the losses."""
+
+    sq: dict[str, Tensor]
+    shared: dict[str, Tensor] = field(default_factory=dict)
+    kept: list[_Kept] = field(default_factory=list)
+    losses: Tensor | None = None
 
 
 class HooksEngine(Engine):
@@ -69,15 +109,14 @@ class HooksEngine(Engine):
     options = frozenset({"registry"})
     summary = "psgrad's fast engine: capture once, per-layer rules, generic fallback"
 
-    def _capture(self, model, batch, params, registry, where):
+    def _plan(self, model, batch, params, registry, where) -> tuple[list[Planned], Capture]:
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             raise PsgradError(
                 f"{where}: autocast (mixed precision) is not supported by the hooks engine; call it outside "
                 "torch.autocast, or use engine='vmap'"
             )
-        units = plan(model, params, registry or DEFAULT)
-        capture = Capture(units, batch.size)
-        return units, capture
+        planned = plan(model, params, registry or DEFAULT)
+        return planned, Capture([p.unit for p in planned], batch.size)
 
     def grads(
         self,
@@ -89,20 +128,22 @@ class HooksEngine(Engine):
         registry: Registry | None = None,
         **options: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
-        units, capture = self._capture(model, batch, params, registry, "per_sample_grads")
+        planned, capture = self._plan(model, batch, params, registry, "per_sample_grads")
+        of_unit = {id(p.unit): p for p in planned}
         if out is None:
             out = _fresh(params, batch.size)
         written: set[str] = set()
 
         def on_ready(unit: Unit, call: Call) -> None:
             if call.has_grads():
-                rule = _rule_for(unit, call)
-                fresh = {loc: out[glob] for loc, glob in unit.names.items() if glob not in written}
-                again = {loc: out[glob] for loc, glob in unit.names.items() if glob in written}
+                item = of_unit[id(unit)]
+                rule = _rule_for(item, call)
+                fresh = {local: out[name] for local, name in item.names.items() if name not in written}
+                again = {local: out[name] for local, name in item.names.items() if name in written}
                 for dest, accumulate in ((fresh, False), (again, True)):
                     if dest:
                         rule.grad_sample(unit.module, call, dest, accumulate)
-                written.update(unit.names.values())
+                written.update(item.names.values())
             call.release()
 
         with capture:
@@ -114,111 +155,117 @@ class HooksEngine(Engine):
                 out[name].zero_()
         return {n: out[n] for n in params}, losses.detach()
 
-    def _norms_and_caches(self, model, loss_fn, batch, params, registry, where, keep):
+    def _norms(self, model, loss_fn, batch, params, registry, where, keep: bool) -> _Norms:
         """Capture, then per unit, as soon as all its calls have their gradients: squared norms per result
         name and (``keep``) what its clipped sum needs. The captured tensors are released right after."""
-        units, capture = self._capture(model, batch, params, registry, where)
+        planned, capture = self._plan(model, batch, params, registry, where)
+        of_unit = {id(p.unit): p for p in planned}
         owners: dict[str, int] = {}
-        for unit in units:
-            for glob in unit.names.values():
-                owners[glob] = owners.get(glob, 0) + 1
-        sq: dict[str, Tensor] = {}
-        shared: dict[str, Tensor] = {}  # parameters owned by several modules: summed per-sample gradients
-        work: list[tuple[Unit, Any, list[Call], dict[str, str], Any]] = []
+        for item in planned:
+            for name in item.names.values():
+                owners[name] = owners.get(name, 0) + 1
+        result = _Norms({})
         waiting: dict[int, int] = {}
 
-        def process(unit: Unit) -> None:
-            calls = [c for c in unit.calls if c.has_grads()]
-            by_rule: dict[int, tuple[Any, list[Call]]] = {}
-            for call in calls:
-                rule = _rule_for(unit, call)
-                by_rule.setdefault(id(rule), (rule, []))[1].append(call)
+        def process(item: Planned) -> None:
+            by_rule: dict[int, tuple[Rule, list[Call]]] = {}
+            for call in item.unit.calls:
+                if call.has_grads():
+                    rule = _rule_for(item, call)
+                    by_rule.setdefault(id(rule), (rule, []))[1].append(call)
             kept = False  # whether the clipped sum will still read this unit's calls
-            for rule, rule_calls in by_rule.values():
+            for rule, calls in by_rule.values():
                 # a parameter owned by several modules, or split between rules, needs the cross terms of
                 # its uses: its per-sample gradient is materialized (summed) instead
-                single = {loc: glob for loc, glob in unit.names.items() if owners[glob] == 1 and len(by_rule) == 1}
-                multi = {loc: glob for loc, glob in unit.names.items() if loc not in single}
+                single = {loc: name for loc, name in item.names.items() if owners[name] == 1 and len(by_rule) == 1}
+                multi = {loc: name for loc, name in item.names.items() if loc not in single}
                 if single:
-                    norms, cache = rule.norm_sample(unit.module, rule_calls, list(single))
+                    norms, cache = rule.norm_sample(item.unit.module, calls, list(single))
                     for loc, value in norms.items():
-                        sq[single[loc]] = value
+                        result.sq[single[loc]] = value
                     if keep:
-                        work.append((unit, rule, rule_calls, single, cache))
+                        result.kept.append(_Kept(item, rule, calls, single, cache))
                         kept = True
                 if multi:
-                    for loc, g in materialize(rule, unit.module, rule_calls, list(multi)).items():
-                        glob = multi[loc]
-                        shared[glob] = shared[glob] + g if glob in shared else g
+                    for loc, g in materialize(rule, item.unit.module, calls, list(multi)).items():
+                        name = multi[loc]
+                        result.shared[name] = result.shared[name] + g if name in result.shared else g
             if not kept:  # (a unit whose calls all missed the loss has no rule to run, nothing kept)
-                for call in unit.calls:
+                for call in item.unit.calls:
                     call.release()
 
         def on_ready(unit: Unit, call: Call) -> None:
             waiting[id(unit)] -= 1
             if waiting[id(unit)] == 0:
-                process(unit)
+                process(of_unit[id(unit)])
 
         with capture:
             capture.probe(model, batch)
             losses = check_losses(loss_fn(capture.forward(model, batch), batch.targets), batch.size, where)
-            waiting.update({id(u): len(u.calls) for u in units})
+            waiting.update({id(p.unit): len(p.unit.calls) for p in planned})
             capture.backward(losses.sum(), on_ready)
-        for glob, g in shared.items():
-            sq[glob] = sq_norms(g)
+        for name, g in result.shared.items():
+            result.sq[name] = sq_norms(g)
         for name, p in params.items():
-            if name not in sq:
-                sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)
-        return sq, work, shared, losses.detach()
+            if name not in result.sq:
+                result.sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)
+        result.losses = losses.detach()
+        return result
 
     def norms(self, model, loss_fn, batch, params, registry: Registry | None = None, **options):
-        sq, _, _, losses = self._norms_and_caches(model, loss_fn, batch, params, registry, "per_sample_norms", False)
-        return {n: sq[n] for n in params}, losses
+        result = self._norms(model, loss_fn, batch, params, registry, "per_sample_norms", False)
+        return {n: result.sq[n] for n in params}, result.losses
 
     def clipped_sum(self, model, loss_fn, batch, params, clip: ClipSpec, registry: Registry | None = None, **options):
-        sq, work, shared, losses = self._norms_and_caches(model, loss_fn, batch, params, registry, "clipped_grad_sum", True)
-        sq = {n: sq[n] for n in params}
-        factors = clip.factors(sq)
-        cast: dict[tuple[int, torch.dtype], Tensor] = {}  # each factor in each parameter dtype, converted once
-        for name, c in factors.items():
-            key = (id(c), params[name].dtype)
-            if key not in cast:
-                cast[key] = c.to(params[name].dtype)
-            factors[name] = cast[key]
+        result = self._norms(model, loss_fn, batch, params, registry, "clipped_grad_sum", True)
+        sq = {n: result.sq[n] for n in params}
+        factors = _cast_factors(clip.factors(sq), params)
         summed: dict[str, Tensor] = {}
 
-        def add(glob: str, value: Tensor) -> None:
-            summed[glob] = summed[glob] + value if glob in summed else value
+        def add(name: str, value: Tensor) -> None:
+            summed[name] = summed[name] + value if name in summed else value
 
-        # small materialized per-sample gradients (rules with the default clipped sum, e.g. norm layers) are summed
-        # together, one product per clipping factor, dtype and device, instead of one per parameter
+        # small materialized per-sample gradients (rules that keep them, e.g. norm layers) are summed together,
+        # one product per clipping factor, dtype and device, instead of one per parameter
         small: dict[tuple[int, torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
 
-        def defer(glob: str, g: Tensor) -> bool:
+        def defer(name: str, g: Tensor) -> bool:
             if g[0].numel() > SMALL_PER_SAMPLE:
                 return False
-            small.setdefault((id(factors[glob]), g.dtype, g.device), []).append((glob, g))
+            small.setdefault((id(factors[name]), g.dtype, g.device), []).append((name, g))
             return True
 
-        for unit, rule, calls, names, cache in work:
+        for kept in result.kept:
             by_factor: dict[int, list[str]] = {}
-            for loc, glob in names.items():
-                if type(rule).clipped_sum is Rule.clipped_sum and defer(glob, cache[loc]):
+            for loc, name in kept.names.items():
+                if kept.rule.keeps_per_sample and defer(name, kept.cache.grads[loc]):
                     continue
-                by_factor.setdefault(id(factors[glob]), []).append(loc)
+                by_factor.setdefault(id(factors[name]), []).append(loc)
             for locs in by_factor.values():
-                c = factors[names[locs[0]]]
-                for loc, value in rule.clipped_sum(unit.module, calls, locs, c, cache).items():
-                    add(names[loc], value)
-            for call in calls:
+                c = factors[kept.names[locs[0]]]
+                for loc, value in kept.rule.clipped_sum(kept.item.unit.module, kept.calls, locs, c, kept.cache).items():
+                    add(kept.names[loc], value)
+            for call in kept.calls:
                 call.release()
-        for glob, g in shared.items():
-            if not defer(glob, g):
-                add(glob, weighted_sum(factors[glob], g))
+        for name, g in result.shared.items():
+            if not defer(name, g):
+                add(name, weighted_sum(factors[name], g))
         for items in small.values():
-            for (glob, _), value in zip(items, weighted_sums(factors[items[0][0]], [g for _, g in items])):
-                add(glob, value)
+            for (name, _), value in zip(items, weighted_sums(factors[items[0][0]], [g for _, g in items])):
+                add(name, value)
         for name, p in params.items():
             if name not in summed:
                 summed[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return {n: summed[n].to(params[n].dtype) for n in params}, clip.total_norm(sq), losses
+        return {n: summed[n].to(params[n].dtype) for n in params}, clip.total_norm(sq), result.losses
+
+
+def _cast_factors(factors: dict[str, Tensor], params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Each clipping factor in each parameter dtype, converted once (parameters sharing a factor share the cast)."""
+    cast: dict[tuple[int, torch.dtype], Tensor] = {}
+    out = {}
+    for name, c in factors.items():
+        key = (id(c), params[name].dtype)
+        if key not in cast:
+            cast[key] = c.to(params[name].dtype)
+        out[name] = cast[key]
+    return out

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batch import Batch, check_losses
-from .base import Engine, LossFn
+from ..batch import Batch, LossFn, check_losses
+from .base import Engine
 
 
 class LoopEngine(Engine):

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..batch import Batch, as_args_kwargs, check_losses
+from ..batch import Batch, LossFn, as_args_kwargs, check_losses
 from ..errors import require
-from .base import Engine, LossFn, write
+from .base import Engine, write
 
 
 class OpacusEngine(Engine):

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ..batch import Batch, as_args_kwargs, check_losses, map_tensors
+from ..batch import Batch, LossFn, as_args_kwargs, check_losses, map_tensors
 from ..errors import PsgradError, UnsupportedModelError
-from .base import Engine, LossFn, write
+from .base import Engine, write
 
 
 class VmapEngine(Engine):

@@ -13,44 +13,18 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_unflatten
 
-from ..capture import Call
-from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms, weighted_sum
+from .call import Call
+from .forms import Block, Forms, LinearFormRule
 from .registry import DEFAULT
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
-
-
-@dataclass
-class _Pieces:
-    """One call of the layer, batch first: linear forms ``(a, b)`` and bias gradients, per parameter.
-
-    ``forms[name]`` lists ``(row offset, a [B, T, d], b [B, T, p])``: the per-sample gradient of rows
-    ``offset : offset + p`` of the parameter is ``b_i^T a_i``. ``sums[name]`` lists ``(offset, s [B, p])``:
-    entries ``offset : offset + p`` of a bias vector. ``extra`` holds per-sample gradients of bias_k, bias_v.
-    """
-
-    forms: dict[str, list[tuple[int, Tensor, Tensor]]] = field(default_factory=dict)
-    sums: dict[str, list[tuple[int, Tensor]]] = field(default_factory=dict)
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _bound(call: Call) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The call's arguments by name, and the captured batch dimension of each (None for non-tensors)."""
-    args, kwargs = tree_unflatten(call.checked_leaves(), call.spec)
-    dims_args, dims_kwargs = tree_unflatten(call.in_bdims, call.spec)
-    values = _MHA_SIGNATURE.bind(call.module, *args, **kwargs)
-    dims = _MHA_SIGNATURE.bind(call.module, *dims_args, **dims_kwargs)
-    values.apply_defaults()
-    return dict(values.arguments), dict(dims.arguments)
 
 
 def _additive_mask(
@@ -99,7 +73,7 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _pieces(module: nn.MultiheadAttention, call: Call) -> _Pieces:
+def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
     """Recompute the layer for the whole batch and differentiate it by hand.
 
     Shapes, batch first: query ``x_q [B, L, E]``, key ``x_k [B, S, kdim]``, value ``x_v [B, S, vdim]``;
@@ -119,7 +93,7 @@ def _pieces(module: nn.MultiheadAttention, call: Call) -> _Pieces:
     and per example ``dW_o = G^T O``, ``db_o = sum_t G``, ``dW_q = dq^T x_q`` (likewise k, v),
     ``db_q = sum_t dq``; bias_k and bias_v get the rows of ``dk``, ``dv`` at the appended key.
     """
-    bound, _ = _bound(call)
+    bound = call.bound(_MHA_SIGNATURE)
     bsz, heads, embed = call.batch_size, module.num_heads, module.embed_dim
     lay = 0 if module.batch_first else 1
     xq, xk, xv = (bound[n].movedim(lay, 0) for n in ("query", "key", "value"))
@@ -153,7 +127,7 @@ def _pieces(module: nn.MultiheadAttention, call: Call) -> _Pieces:
         g = call.grad(0)
         d_o = _split_heads(g @ wo, heads)
         dp = d_o @ vh.transpose(-2, -1)
-        if len(call.grads) > 1 and call.grads[1] is not None:
+        if call.has_grad(1):
             gw = call.grad(1)
             dp = dp + (gw.unsqueeze(1) / heads if bound["average_attn_weights"] else gw)
         dz = p * (dp - (dp * p).sum(-1, keepdim=True))
@@ -161,42 +135,26 @@ def _pieces(module: nn.MultiheadAttention, call: Call) -> _Pieces:
         dq = _merge_heads(dz @ kh) * scale
         dk = _merge_heads((dz.transpose(-2, -1) @ qs)[:, :, : k.shape[1]])
         dv = _merge_heads((p.transpose(-2, -1) @ d_o)[:, :, : k.shape[1]])
-    out = _Pieces()
+    out = Forms()
     if module.bias_k is not None:
         out.extra["bias_k"] = dk[:, src].view(bsz, 1, 1, embed)
         out.extra["bias_v"] = dv[:, src].view(bsz, 1, 1, embed)
         dk, dv = dk[:, :src], dv[:, :src]
     if module._qkv_same_embed_dim:
-        out.forms["in_proj_weight"] = [(0, xq, dq), (embed, xk, dk), (2 * embed, xv, dv)]
+        out.weights["in_proj_weight"] = [Block(0, xq, dq), Block(embed, xk, dk), Block(2 * embed, xv, dv)]
     else:
-        out.forms["q_proj_weight"] = [(0, xq, dq)]
-        out.forms["k_proj_weight"] = [(0, xk, dk)]
-        out.forms["v_proj_weight"] = [(0, xv, dv)]
+        out.weights["q_proj_weight"] = [Block(0, xq, dq)]
+        out.weights["k_proj_weight"] = [Block(0, xk, dk)]
+        out.weights["v_proj_weight"] = [Block(0, xv, dv)]
     out.sums["in_proj_bias"] = [(0, dq.sum(1)), (embed, dk.sum(1)), (2 * embed, dv.sum(1))]
-    out.forms["out_proj.weight"] = [(0, o, g)]
+    out.weights["out_proj.weight"] = [Block(0, o, g)]
     out.sums["out_proj.bias"] = [(0, g.sum(1))]
     return out
 
 
-def _concat(pieces: Sequence[_Pieces]) -> _Pieces:
-    """Several calls as one: forms concatenated along T, sums and extras added."""
-    first = pieces[0]
-    out = _Pieces()
-    for name, parts in first.forms.items():
-        out.forms[name] = [
-            (off, torch.cat([p.forms[name][j][1] for p in pieces], 1), torch.cat([p.forms[name][j][2] for p in pieces], 1))
-            for j, (off, _, _) in enumerate(parts)
-        ]
-    for name, parts in first.sums.items():
-        out.sums[name] = [(off, sum(p.sums[name][j][1] for p in pieces)) for j, (off, _) in enumerate(parts)]
-    for name in first.extra:
-        out.extra[name] = sum(p.extra[name] for p in pieces)
-    return out
-
-
 @DEFAULT.register(nn.MultiheadAttention)
-class MultiheadAttentionRule(Rule):
-    """nn.MultiheadAttention with all its parameters, ``out_proj`` included (see :func:`_pieces`).
+class MultiheadAttentionRule(LinearFormRule):
+    """nn.MultiheadAttention with all its parameters, ``out_proj`` included (see :func:`_forms`).
 
     Covered exactly: batch_first either way, packed or separate (kdim/vdim) projection weights, bias on
     or off, add_bias_kv, add_zero_attn, ``key_padding_mask`` and ``attn_mask`` (bool or float, 2-D or
@@ -204,30 +162,29 @@ class MultiheadAttentionRule(Rule):
     reaching the returned weights is included), self- and cross-attention, repeated calls.
     """
 
+    reproduces = (nn.MultiheadAttention,)
+    computation = ("forward",)
     claims_children = True
 
-    def check(self, module: nn.Module, call: Call) -> str | None:
+    def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         """Why this call is left to the generic rule, or None.
 
-        - a subclass that overrides ``forward``: the recompute would not be its computation;
         - dropout in training mode: the recompute cannot draw the forward's masks (the generic rule then
           refuses too, since torch.func forbids random ops under vmap, so the result is an error);
         - inputs that are not batched ``[*, B, *, E]`` tensors at the layout's batch dimension;
         - a query row whose keys are all masked: the two code paths of the layer disagree there (NaN
           with ``need_weights``, zeros without), which the generic rule reproduces as is.
         """
-        if type(module).forward is not nn.MultiheadAttention.forward:
-            return "forward is overridden"
         assert isinstance(module, nn.MultiheadAttention)
         if module.dropout > 0 and module.training:
             return "attention dropout in training mode draws random masks that cannot be recomputed"
-        bound, dims = _bound(call)
+        bound, dims = call.bound(_MHA_SIGNATURE), call.bound_bdims(_MHA_SIGNATURE)
         lay = 0 if module.batch_first else 1
         for n in ("query", "key", "value"):
             t = bound[n]
             if not isinstance(t, Tensor) or t.dim() != 3 or dims[n] != lay:
                 return f"{n} is not a batched 3-D tensor with the batch at dimension {lay}"
-        if call.out_bdims[0] != lay:
+        if call.out_bdim(0) != lay:
             return "the output does not carry the batch where expected"
         kpm, attn_mask = bound["key_padding_mask"], bound["attn_mask"]
         if kpm is not None and dims["key_padding_mask"] != 0:
@@ -239,7 +196,7 @@ class MultiheadAttentionRule(Rule):
         for m in (kpm, attn_mask):
             if m is not None and m.dtype != torch.bool and not m.is_floating_point():
                 return f"mask of dtype {m.dtype}"
-        if len(call.grads) > 1 and call.grads[1] is not None and call.out_bdims[1] != 0:
+        if call.has_grad(1) and call.out_bdim(1) != 0:
             return "the attention weights do not carry the batch at dimension 0"
         xq = bound["query"]
         mask = _additive_mask(
@@ -249,60 +206,5 @@ class MultiheadAttentionRule(Rule):
             return "a query has all its keys masked"
         return None
 
-    def grad_sample(
-        self, module: nn.MultiheadAttention, call: Call, dest: Mapping[str, Tensor], accumulate: bool
-    ) -> None:
-        pieces = _pieces(module, call)
-        for name, parts in pieces.forms.items():
-            if name in dest:
-                for off, a, b in parts:
-                    rows = dest[name][:, off : off + b.shape[2]]  # [B, p, d], written in place
-                    if accumulate:
-                        rows.baddbmm_(b.transpose(1, 2), a)
-                    else:
-                        torch.bmm(b.transpose(1, 2), a, out=rows)
-        for name, parts in pieces.sums.items():
-            if name in dest:
-                for off, s in parts:
-                    put(dest[name][:, off : off + s.shape[1]], s, accumulate)
-        for name, value in pieces.extra.items():
-            if name in dest:
-                put(dest[name], value, accumulate)
-
-    def norm_sample(
-        self, module: nn.MultiheadAttention, calls: Sequence[Call], names: Sequence[str]
-    ) -> tuple[dict[str, Tensor], Any]:
-        """Weights: the sum over row blocks of :func:`~psgrad.rules.base.linear_form_norms` (ghost norm
-        or materialized, whichever is cheaper); biases, bias_k, bias_v: materialized (they are small)."""
-        pieces = _concat([_pieces(module, c) for c in calls])
-        norms: dict[str, Tensor] = {}
-        caches: dict[str, list[Any]] = {}
-        for name, parts in pieces.forms.items():
-            if name in names:
-                results = [linear_form_norms(a, b) for _, a, b in parts]
-                norms[name] = sum(r[0] for r in results)
-                caches[name] = [r[1] for r in results]
-        for name, parts in pieces.sums.items():
-            if name in names:
-                norms[name] = sum(sq_norms(s) for _, s in parts)
-        for name, value in pieces.extra.items():
-            if name in names:
-                norms[name] = sq_norms(value)
-        pieces.forms = {}  # what the clipped sum needs of them is in caches
-        return norms, (pieces, caches)
-
-    def clipped_sum(
-        self, module: nn.MultiheadAttention, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
-    ) -> dict[str, Tensor]:
-        pieces, caches = cache
-        out: dict[str, Tensor] = {}
-        for name, kept in caches.items():
-            if name in names:
-                out[name] = torch.cat([linear_form_clipped(c, k) for k in kept], 0)
-        for name, parts in pieces.sums.items():
-            if name in names:
-                out[name] = torch.cat([c.to(s.dtype) @ s for _, s in parts], 0)
-        for name, value in pieces.extra.items():
-            if name in names:
-                out[name] = weighted_sum(c, value)
-        return out
+    def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
+        return _forms(module, call)  # type: ignore[arg-type]

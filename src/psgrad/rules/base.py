@@ -1,59 +1,114 @@
-"""What a rule is, and the materializing defaults that every rule inherits.
+"""The rule contract, the materializing defaults every rule inherits, and the products rules share.
 
-A rule turns the captured calls of one module into, for the parameters it owns (by local name):
+A rule turns the captured calls (:class:`~psgrad.rules.call.Call`) of one module into, for the parameters it
+owns (by local name):
 - ``grad_sample``: per-sample gradients ``[B, *p.shape]``, written (or added) into given buffers;
-- ``norm_sample``: per-sample squared norms ``[B]`` of the sum over all calls, plus a cache;
+- ``norm_sample``: per-sample squared norms ``[B]`` of the sum over all calls, plus a cache the rule owns;
 - ``clipped_sum``: ``sum_i c_i g_i`` given the clipping factors ``c``, reusing that cache.
-Only ``grad_sample`` is required; the defaults of the other two materialize it per module (transiently).
-Rules know nothing of engines: they see a module, its :class:`~psgrad.capture.Call` objects and tensors.
+Only ``grad_sample`` is required. The defaults of the other two materialize it per module (transiently) and
+keep it in a :class:`PerSample` cache; a rule that keeps them declares ``keeps_per_sample = True`` (inherited),
+which lets an engine sum several such modules' clipped sums at once; a rule with its own clipped sum declares
+``keeps_per_sample = False``.
+
+Which modules a rule serves is declared, not coded per rule: ``reproduces`` names the classes whose
+computation the rule's formula is, ``computation`` their methods that the formula relies on (a subclass that
+overrides one computes something else), ``parameters`` the module's own parameters it knows.
+:meth:`Rule.applicability` applies the three, for the registry (:meth:`psgrad.rules.registry.Registry.resolve`)
+and for :meth:`Rule.check`; a rule adds what it must see of one call (its batch layout, its arguments) in
+:meth:`Rule.check_call`. Rules know nothing of engines or capture.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import Call
+from .._memory import stream as _stream
+from .call import Call
+
+
+@dataclass
+class PerSample:
+    """The cache of the default :meth:`Rule.norm_sample`: per-sample gradients ``{local name: [B, *shape]}``."""
+
+    grads: dict[str, Tensor]
 
 
 class Rule:
+    #: the classes whose computation this rule's formula is (empty: any module it is registered for)
+    reproduces: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: methods of those classes that the formula relies on; a subclass overriding one is not served
+    computation: ClassVar[tuple[str, ...]] = ()
+    #: the module's own parameters this rule knows (None: any); a module with others is not served
+    parameters: ClassVar[frozenset[str] | None] = None
     #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
     #: out_proj, whose forward is never called)
-    claims_children: bool = False
+    claims_children: ClassVar[bool] = False
+    #: whether ``norm_sample`` returns a :class:`PerSample` cache and ``clipped_sum`` is the default weighted sum
+    keeps_per_sample: ClassVar[bool] = True
 
-    def check(self, module: nn.Module, call: Call) -> str | None:
-        """None if this rule can handle ``call``, else why not (the generic fallback then takes it)."""
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.keeps_per_sample and cls.clipped_sum is not Rule.clipped_sum:
+            raise TypeError(f"{cls.__name__} has its own clipped_sum: declare keeps_per_sample = False")
+
+    @property
+    def name(self) -> str:
+        """The rule's name in reports (its class name)."""
+        return type(self).__name__
+
+    def applicability(self, module: nn.Module) -> str | None:
+        """None if this rule's formula is what ``module`` computes, else why not (see the module docstring)."""
+        cls = type(module)
+        if self.reproduces:
+            base = next((c for c in self.reproduces if isinstance(module, c)), None)
+            if base is None:
+                names = ", ".join(c.__name__ for c in self.reproduces)
+                return f"{cls.__name__} is not a {names}"
+            for method in self.computation:
+                if getattr(cls, method, None) is not getattr(base, method, None):
+                    return f"{method} is overridden"
+        if self.parameters is not None:
+            extra = sorted(n for n, p in module._parameters.items() if p is not None and n not in self.parameters)
+            if extra:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
+                return f"{cls.__name__} owns parameters {extra} besides {sorted(self.parameters)}"
         return None
 
-    def grad_sample(
-        self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool
-    ) -> None:
+    def check(self, module: nn.Module, call: Call | None) -> str | None:
+        """None if this rule can handle ``call`` of ``module``, else why not (the generic rule then takes it):
+        :meth:`applicability`, then :meth:`check_call`."""
+        return self.applicability(module) or self.check_call(module, call)
+
+    def check_call(self, module: nn.Module, call: Call | None) -> str | None:
+        """What this rule must see of one call (batch layout, arguments); None if it can handle it."""
+        return None
+
+    def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
         """Write (``accumulate=False``) or add the per-sample gradients of ``call`` into ``dest``."""
         raise NotImplementedError
 
     def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
         """Per-sample squared norms of each parameter's gradient summed over ``calls``, and a cache for
-        :meth:`clipped_sum`. Default: materialize the per-sample gradients (kept as the cache)."""
+        :meth:`clipped_sum`. Default: materialize the per-sample gradients (kept as a :class:`PerSample`)."""
         grads = materialize(self, module, calls, names)
-        return {n: sq_norms(g) for n, g in grads.items()}, grads
+        return {n: sq_norms(g) for n, g in grads.items()}, PerSample(grads)
 
     def clipped_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
     ) -> dict[str, Tensor]:
         """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned.
-        Default: the weighted sum of the cached per-sample gradients (a rule that keeps this default keeps that
-        cache, ``{name: [B, *shape]}``, so that an engine may sum several modules' at once with
-        :func:`weighted_sums`)."""
-        return {n: weighted_sum(c, cache[n]) for n in names}
+        Default: the weighted sum of the cached per-sample gradients."""
+        return {n: weighted_sum(c, cache.grads[n]) for n in names}
 
 
 def sq_norms(g: Tensor) -> Tensor:
     """Per-sample squared norms ``[B]`` of per-sample gradients ``[B, *shape]`` (any shape, scalars too)."""
-    # pow-sum, not vector_norm: about 1 ms slower per ResNet18 call on CPU, but its cascaded summation keeps
-    # the norms of large per-sample gradients 40x closer to the float64 truth (1e-7 against 5e-6)
+    # pow-sum, not vector_norm: slightly slower, but its cascaded summation keeps the norms of large per-sample
+    # gradients far closer to the float64 truth (benchmarks/README.md, "squared norms")
     return g.reshape(g.shape[0], -1).pow(2).sum(1)
 
 
@@ -95,6 +150,18 @@ def put(dest: Tensor, value: Tensor, accumulate: bool) -> None:
         dest.add_(value)
     else:
         dest.copy_(value)
+
+
+def write_products(dest: Tensor, x: Tensor, y: Tensor, accumulate: bool) -> None:
+    """``dest[i] (+)= x[i] @ y[i]`` for ``x: [N, p, T]``, ``y: [N, T, d]`` into ``dest: [N, p, d]`` (a view of the
+    caller's buffer): with streaming stores where T is short and the result large (NOTE [streaming writes] in
+    :mod:`psgrad._memory.stream`), else one batched product straight into ``dest``."""
+    if accumulate:
+        dest.baddbmm_(x, y)
+    elif not _stream.products_into(dest, x, y):
+        # even for T = 1 (outer products) a batched GEMM: it writes the result faster than an elementwise
+        # product does, with no temporary
+        torch.bmm(x, y, out=dest)
 
 
 def linear_form_norms(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | Tensor]:

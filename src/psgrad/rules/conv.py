@@ -20,36 +20,27 @@ gradients; their forms are concatenated along T, which includes the cross terms 
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._memory import alloc as _alloc, stream as _stream
+from .._memory import alloc as _alloc
+from .._memory import stream as _stream
 from ..errors import UnsupportedModelError
-from ..capture import Call
-from .base import Rule, ghost_is_cheaper, ghost_sq_norms, linear_form_norms, put, sq_norms, weighted_sum
+from .base import Rule, ghost_is_cheaper, linear_form_norms, put, sq_norms, weighted_sum, write_products
+from .call import Call
+from .conv_gram import ghost_without_patches
 from .registry import DEFAULT
-
-_STOCK: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {
     1: torch.nn.grad.conv1d_weight,
     2: torch.nn.grad.conv2d_weight,
     3: torch.nn.grad.conv3d_weight,
 }
-
-
-def _stock(module: nn.Module) -> type[nn.Module] | None:
-    for cls in _STOCK:
-        if isinstance(module, cls):
-            return cls
-    return None
 
 
 def _padding(module: nn.Module) -> tuple[list[int], list[int], bool]:
@@ -113,125 +104,6 @@ def _patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], rows: bool = Fa
     # [B, C, *S', *k] -> [B, C, *k, *S']
     x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
     return x.reshape(bsz, c * x.shape[2:2 + n].numel(), -1)
-
-
-#: the position Gram is used while P^2 <= this x K T^2 (P unpadded): up to there it may do more multiply-adds
-#: than the patch Gram but skips the strided copy of the patches, which costs more (ResNet18's 3x3 layers at
-#: batch 128, 2-core CPU: 2.6 against 4.6 ms at P^2 = 0.11 K T^2, 1.8 against 1.8 ms at 1.8 K T^2)
-_POSITION_GRAM_MAX = 4
-
-
-def _patch_gram(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
-    """``U_i[j]^T U_i[j]``, the ``[T, T]`` Gram matrix of the patches of each example and group (``[B g, T, T]``),
-    without unfolding.
-
-    With ``G_i = X_i^T X_i`` the ``[P, P]`` Gram matrix of the input's positions over the channels of a group
-    (unpadded: the zero padding adds nothing to a dot product), two patches meet in
-    ``sum_k G_i[pos(t) + k d - pad, pos(s) + k d - pad]`` over the kernel offsets k (d the dilation, pos the
-    strided output position), terms outside the input left out. Per offset that is one block of G added into a
-    block of the result (:func:`_shifted_blocks` where the output has the input's size at stride 1, else
-    :func:`_strided_blocks`). Cost ``P^2 C/g + K T^2`` per example and group and no ``[C K, T]`` copy, against
-    ``T^2 C K / g`` plus the copy through the patches.
-    """
-    bsz, g, spatial = x.shape[0], module.groups, tuple(x.shape[2:])
-    xs = x.reshape(bsz * g, x.shape[1] // g, -1)
-    positions = xs.shape[2]
-    gram = torch.bmm(xs.transpose(1, 2), xs, out=_alloc.scratch("gram", (bsz * g, positions, positions), x.dtype, x.device))
-    size = [(s + 2 * q - d * (k - 1) - 1) // st + 1
-            for s, q, k, d, st in zip(spatial, pad, module.kernel_size, module.dilation, module.stride)]
-    if list(spatial) == size and all(st == 1 for st in module.stride):
-        return _shifted_blocks(gram, spatial, tuple(module.kernel_size), tuple(module.dilation), pad)
-    return _strided_blocks(gram, module, spatial, size, pad)
-
-
-@functools.lru_cache(maxsize=128)
-def _shift_plan(
-    spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], pad: tuple[int, ...],
-    dtype: torch.dtype, device: torch.device,
-) -> tuple[tuple[int, int, int, Tensor | None], ...]:
-    """Per kernel offset that sees any input: ``(lo, hi, shift, mask)`` for :func:`_shifted_blocks`."""
-    n = len(spatial)
-    flat_stride = [math.prod(spatial[i + 1:]) for i in range(n)]
-    grids = torch.meshgrid(*[torch.arange(s) for s in spatial], indexing="ij")
-    plan = []
-    for offsets in itertools.product(*[range(k) for k in kernel]):
-        moves = [o * d - q for o, d, q in zip(offsets, dilation, pad)]
-        inside = torch.ones(spatial, dtype=torch.bool)
-        for grid, s, m in zip(grids, spatial, moves):
-            inside &= (grid + m >= 0) & (grid + m < s)
-        inside = inside.reshape(-1)
-        where = inside.nonzero().flatten()
-        if where.numel() == 0:
-            continue
-        lo, hi = int(where[0]), int(where[-1]) + 1
-        run = inside[lo:hi]
-        mask = None if bool(run.all()) else (run[:, None] & run[None, :]).to(dtype=dtype, device=device)
-        plan.append((lo, hi, sum(m * f for m, f in zip(moves, flat_stride)), mask))
-    return tuple(plan)
-
-
-def _shifted_blocks(
-    gram: Tensor, spatial: tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...], pad: tuple[int, ...]
-) -> Tensor:
-    """The patch Gram at stride 1 with outputs of the input's size (``T = P``, e.g. 3x3 convolutions padded by 1).
-
-    Output position t then reads input position ``t + m`` for offset k (``m = k d - pad`` per dimension), which in
-    flattened indices is ``t + shift`` with one ``shift`` per offset. So the offset's term is the block of G shifted
-    by ``shift`` along both axes, restricted to the positions t (and s) whose ``t + m`` is inside the input: a
-    contiguous range ``[lo, hi)`` of flattened positions, and within it a 0/1 mask for the positions that wrap
-    around a row. One product-add of long contiguous rows per offset, where :func:`_strided_blocks` adds short
-    strided ones.
-    """
-    total = _alloc.scratch("patch gram", tuple(gram.shape), gram.dtype, gram.device).zero_()
-    for lo, hi, shift, mask in _shift_plan(spatial, kernel, dilation, pad, gram.dtype, gram.device):
-        block = gram[:, lo + shift:hi + shift, lo + shift:hi + shift]
-        if mask is None:
-            total[:, lo:hi, lo:hi] += block
-        else:
-            total[:, lo:hi, lo:hi].addcmul_(block, mask)
-    return total
-
-
-def _strided_blocks(gram: Tensor, module: nn.Module, spatial: tuple[int, ...], size: list[int], pad: tuple[int, ...]) -> Tensor:
-    """The patch Gram in general: per kernel offset, one strided block of G (viewed ``[B g, *S, *S]``) added
-    into a block of the result (viewed ``[B g, *S', *S']``)."""
-    gram = gram.view(gram.shape[0], *spatial, *spatial)
-    total = gram.new_zeros((gram.shape[0], *size, *size))
-    ranges = []  # per dimension, per kernel offset: (output slice, input slice), or None if it sees only padding
-    for s, q, k, d, st, t in zip(spatial, pad, module.kernel_size, module.dilation, module.stride, size):
-        per_offset = []
-        for o in range(k):
-            shift = o * d - q  # input index of output position i: i * st + shift
-            lo = max(0, -(shift // st))  # smallest i with i * st + shift >= 0
-            hi = min(t, (s - 1 - shift) // st + 1)  # one past the largest i with i * st + shift <= s - 1
-            if lo >= hi:
-                per_offset.append(None)
-                continue
-            per_offset.append((slice(lo, hi), slice(lo * st + shift, (hi - 1) * st + shift + 1, st)))
-        ranges.append(per_offset)
-    for combo in itertools.product(*ranges):
-        if any(r is None for r in combo):
-            continue
-        outs = tuple(r[0] for r in combo)
-        ins = tuple(r[1] for r in combo)
-        total[(slice(None), *outs, *outs)] += gram[(slice(None), *ins, *ins)]
-    t = math.prod(size)
-    return total.view(gram.shape[0], t, t)
-
-
-def _ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> Tensor | None:
-    """Per (example, group) squared weight-gradient norms by the ghost norm with :func:`_patch_gram`, where
-    the ghost norm is the cheaper way and the position Gram beats the patch Gram; else None."""
-    bsz, g = grad.shape[0], module.groups
-    t = grad[0, 0].numel()
-    k = math.prod(module.kernel_size)
-    p, d = module.out_channels // g, module.in_channels // g * k
-    positions = math.prod(x.shape[2:])
-    if t == 1 or not ghost_is_cheaper(t, p, d) or positions * positions > _POSITION_GRAM_MAX * k * t * t:
-        return None
-    b = grad.reshape(bsz * g, p, t)
-    bb = torch.bmm(b.transpose(1, 2), b, out=_alloc.scratch("grad gram", (bsz * g, t, t), grad.dtype, grad.device))
-    return ghost_sq_norms(_patch_gram(module, x, pad), bb)
 
 
 def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
@@ -310,12 +182,20 @@ def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, a
     except RuntimeError:  # e.g. groups > 1 inside a flat [B, P] buffer: batch and group do not merge
         put(dest, torch.bmm(x, y).view(dest.shape), accumulate)
         return
-    if accumulate:
-        view.baddbmm_(x, y)
-    elif _stream.products_into(view, x, y):
-        return  # short T: written with streaming stores (NOTE [streaming writes] in psgrad._memory.stream)
-    else:
-        torch.bmm(x, y, out=view)
+    write_products(view, x, y, accumulate)
+
+
+@dataclass
+class ConvCache:
+    """What the clipped sum of one convolution needs, by how its weight norm was taken: the materialized
+    per-sample weight gradients ``[B, *weight.shape]``; or (T = 1) the forms ``(a [B g, 1, d], b [B g, 1, p])``;
+    or (ghost norm) the padded inputs, their paddings and the output gradients of the calls. ``bias``: the
+    per-sample bias gradients ``[B, C_out]``."""
+
+    per_sample: Tensor | None = None
+    forms: tuple[Tensor, Tensor] | None = None
+    inputs: list[tuple[Tensor, tuple[int, ...], Tensor]] | None = None
+    bias: Tensor | None = None
 
 
 @DEFAULT.register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -327,31 +207,27 @@ class ConvRule(Rule):
     input padded as the module pads it (``F.pad`` with ``padding_mode`` first, for non-zero modes).
     """
 
-    def check(self, module: nn.Module, call: Call) -> str | None:
-        stock = _stock(module)
-        if stock is None:
-            return f"{type(module).__name__} is not a stock convolution"
-        cls = type(module)
-        if cls.forward is not stock.forward or cls._conv_forward is not stock._conv_forward:
-            return f"{cls.__name__} overrides the forward of {stock.__name__}"
-        extra = sorted(set(module._parameters) - {"weight", "bias"})
-        if extra:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
-            return f"{cls.__name__} owns parameters {extra} besides weight and bias"
+    reproduces = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    computation = ("forward", "_conv_forward")
+    parameters = frozenset({"weight", "bias"})
+    keeps_per_sample = False
+
+    def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             return f"unknown padding_mode {module.padding_mode!r}"
         try:
-            bdim = call.input_bdim(0)
-            leaf = call.leaves[call.arg_leaves[0]]
+            bdim = call.arg_bdim(0)
+            leaf = call.arg_raw(0)
         except UnsupportedModelError as exc:
             return str(exc)
         n = len(module.kernel_size)
         if leaf.dim() != n + 2:
             return f"input of shape {list(leaf.shape)} is not batched"
-        if bdim != 0 or call.out_bdims[0] != 0:
+        if bdim != 0 or call.out_bdim(0) != 0:
             return "the batch is not dimension 0 of the input and the output"
         if leaf.is_complex() or not leaf.is_floating_point():
             return f"input dtype {leaf.dtype} is not a real floating type"
-        out = call.out_shapes[0]
+        out = call.out_shape(0)
         expected = [leaf.shape[0], module.out_channels, *_out_size(module, leaf.shape[2:])]
         if out is None or list(out) != expected or leaf.shape[1] != module.in_channels:
             return f"input {list(leaf.shape)} and output {list(out or [])} do not match the module's geometry"
@@ -362,11 +238,11 @@ class ConvRule(Rule):
         p = module.out_channels // g
         grad = call.grad(0)
         if "weight" in dest:
-            x, pad = _padded_input(module, call.input(0))
+            x, pad = _padded_input(module, call.arg(0))
             b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
             if g == 1 and b.shape[2] <= _stream.MAX_INNER:
                 # few positions: the patches made as [B, T, d] rows, which the GEMM reads as fast (faster at
-                # T <= 4 on ResNet18's layer3/4) and the streaming writer reads without another copy
+                # T <= 4) and the streaming writer reads without another copy
                 a = _patches(module, x, pad, rows=True)
             else:
                 a = _group_patches(module, x, pad)
@@ -378,16 +254,16 @@ class ConvRule(Rule):
             else:
                 torch.sum(flat, 2, out=dest["bias"])
 
-    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], ConvCache]:
         bsz, g = calls[0].batch_size, module.groups
         norms: dict[str, Tensor] = {}
-        cache: dict[str, Any] = {}
+        cache = ConvCache()
         if "weight" in names:
-            inputs = [(*_padded_input(module, c.input(0)), c.grad(0)) for c in calls]
+            inputs = [(*_padded_input(module, c.arg(0)), c.grad(0)) for c in calls]
             # off the CPU the position Gram is not used: there the time goes to launching kernels, and its
             # block adds take 9 or more launches per layer where the patches' Gram takes two
             on_cpu = inputs[0][0].device.type == "cpu"
-            sq = _ghost_without_patches(module, *inputs[0]) if len(inputs) == 1 and on_cpu else None
+            sq = ghost_without_patches(module, *inputs[0]) if len(inputs) == 1 and on_cpu else None
             if sq is not None:
                 kept = None
             elif _materializes(module, inputs):
@@ -396,49 +272,47 @@ class ConvRule(Rule):
                 sq, kept = linear_form_norms(*_calls_forms(module, inputs))  # per (example, group)
             norms["weight"] = sq.view(bsz, g).sum(1)
             if isinstance(kept, Tensor):  # materialized: [B g, p, d] is the weight layout [B, C_out, C_in/g * K]
-                cache["weight"] = kept.view(bsz, *module.weight.shape)
+                cache.per_sample = kept.view(bsz, *module.weight.shape)
             elif kept is not None and kept[0].shape[1] == 1:
-                # T = 1: the patches ([B g, 1, d], K times one input) make the clipped sum one product, 3-4x
-                # faster than the convolution weight-gradient of 1x1 outputs (ResNet18's layer4, CPU)
-                cache["weight"] = None
-                cache["forms"] = kept
+                # T = 1: the patches ([B g, 1, d], K times one input) make the clipped sum one product, several
+                # times faster than the convolution weight-gradient of 1x1 outputs
+                cache.forms = kept
             else:
                 # ghost norm: drop the patches; keep what one weight-gradient per call needs (the calls
                 # themselves may be released before the clipped sum)
-                cache["weight"] = None
-                cache["inputs"] = inputs
+                cache.inputs = inputs
         if "bias" in names:
             bias = calls[0].grad(0).reshape(bsz, module.out_channels, -1).sum(2)
             for c in calls[1:]:
                 bias = bias + c.grad(0).reshape(bsz, module.out_channels, -1).sum(2)
-            cache["bias"] = bias
+            cache.bias = bias
             norms["bias"] = sq_norms(bias)
         return norms, cache
 
     def clipped_sum(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: ConvCache
     ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if "weight" in names:
-            per_sample = cache["weight"]
-            if per_sample is not None:
-                out["weight"] = weighted_sum(c, per_sample)
-            elif "forms" in cache:
-                out["weight"] = _clipped_from_forms(module, c, *cache["forms"])
+            if cache.per_sample is not None:
+                out["weight"] = weighted_sum(c, cache.per_sample)
+            elif cache.forms is not None:
+                out["weight"] = _clipped_from_forms(module, c, *cache.forms)
             else:
                 # sum_i c_i g_i is the ordinary weight gradient of the batch with output gradients c_i b_i
                 # (the weight gradient is linear in b). That is one convolution-backward over the padded
                 # input: the same exact sum over examples and positions as sum_i c_i b_i^T unfold(a_i),
                 # without materializing the [B, C_in K, T] patches.
+                assert cache.inputs is not None
                 n = len(module.kernel_size)
                 total = None
-                for x, pad, grad in cache["inputs"]:
+                for x, pad, grad in cache.inputs:
                     scaled = grad * c.to(grad.dtype).view(-1, *([1] * (n + 1)))
                     w = _WEIGHT_GRAD[n](x, module.weight.shape, scaled, module.stride, pad, module.dilation, module.groups)
                     total = w if total is None else total + w
                 assert total is not None
                 out["weight"] = total
         if "bias" in names:
-            bias = cache["bias"]
-            out["bias"] = c.to(bias.dtype) @ bias
+            assert cache.bias is not None
+            out["bias"] = c.to(cache.bias.dtype) @ cache.bias
         return out

@@ -17,13 +17,13 @@ nn.EmbeddingBag has no rule here; it goes to the generic rule.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import Call
 from .base import Rule
+from .call import Call
 from .registry import DEFAULT
 
 
@@ -44,11 +44,20 @@ def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
     """One call as ``idx: [B, T]`` (int64) and output gradients ``b: [B, T, d]``, with the rows at
     ``padding_idx`` set to zero (so that the padding row receives nothing)."""
     bsz, d = call.batch_size, module.embedding_dim
-    idx = call.input(0).reshape(bsz, -1).long()
+    idx = call.arg(0).reshape(bsz, -1).long()
     b = call.grad(0).reshape(bsz, -1, d)
     if module.padding_idx is not None:
         b = b.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
     return idx, b
+
+
+@dataclass
+class EmbeddingCache:
+    """The calls' indices ``idx: [B, T]`` and output gradients ``b: [B, T, d]`` (padding rows zeroed), all calls
+    concatenated along T: what the clipped sum scatters."""
+
+    idx: Tensor
+    b: Tensor
 
 
 @DEFAULT.register(nn.Embedding)
@@ -64,7 +73,9 @@ class EmbeddingRule(Rule):
     clipped_sum: ``sum_i c_i weight_i`` as one ``index_add_`` of the ``c``-scaled gradient rows into ``[V, d]``.
     """
 
-    def check(self, module: nn.Embedding, call: Call) -> str | None:
+    keeps_per_sample = False
+
+    def check_call(self, module: nn.Embedding, call: Call | None) -> str | None:
         if module.max_norm is not None:
             return "max_norm renormalizes the weight in place during the forward"
         if module.scale_grad_by_freq:
@@ -85,7 +96,9 @@ class EmbeddingRule(Rule):
         else:
             w.scatter_add_(1, idx.unsqueeze(-1).expand(bsz, t, d), b)
 
-    def norm_sample(self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+    def norm_sample(
+        self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str]
+    ) -> tuple[dict[str, Tensor], EmbeddingCache | None]:
         if "weight" not in names:
             return {}, None
         parts = [_forms(module, c) for c in calls]
@@ -93,14 +106,14 @@ class EmbeddingRule(Rule):
         b = torch.cat([p[1] for p in parts], 1)
         seg = _segments(idx)
         per_token = torch.zeros_like(b).scatter_add_(1, seg.unsqueeze(-1).expand_as(b), b)
-        return {"weight": per_token.pow(2).sum((1, 2))}, (idx, b)
+        return {"weight": per_token.pow(2).sum((1, 2))}, EmbeddingCache(idx, b)
 
     def clipped_sum(
-        self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
+        self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: EmbeddingCache | None
     ) -> dict[str, Tensor]:
-        if "weight" not in names:
+        if "weight" not in names or cache is None:
             return {}
-        idx, b = cache
+        idx, b = cache.idx, cache.b
         d = module.embedding_dim
         out = torch.zeros(module.num_embeddings, d, dtype=b.dtype, device=b.device)
         out.index_add_(0, idx.reshape(-1), (b * c.to(b.dtype).view(-1, 1, 1)).reshape(-1, d))

@@ -14,11 +14,11 @@ from typing import Any
 
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
-from ..capture import Call
 from .base import Rule, put
+from .call import Call
 
 
 class FallbackRule(Rule):
@@ -28,15 +28,15 @@ class FallbackRule(Rule):
         names = list(dest)
         params = {n: module.get_parameter(n).detach() for n in names}
         leaves = call.checked_leaves()
-        in_dims = [d if isinstance(t, Tensor) else None for t, d in zip(leaves, call.in_bdims)]
-        live = [j for j, g in enumerate(call.grads) if g is not None]
-        cotangents = [call.grads[j] for j in live]
-        cot_dims = [call.out_bdims[j] for j in live]
-        spec = call.spec
+        in_dims = call.leaf_bdims()
+        arrived = call.arrived()
+        live = [j for j, _, _ in arrived]
+        cotangents = [g for _, g, _ in arrived]
+        cot_dims = [d for _, _, d in arrived]
 
         def one_example(example_leaves: list[Any], example_cots: list[Tensor]) -> dict[str, Tensor]:
             batched = [t.unsqueeze(d) if d is not None else t for t, d in zip(example_leaves, in_dims)]
-            args, kwargs = tree_unflatten(batched, spec)
+            args, kwargs = call.rebuild(batched)
 
             def f(theta: dict[str, Tensor]) -> list[Tensor]:
                 outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))

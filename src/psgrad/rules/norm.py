@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import Call
-from .base import Rule, put, sq_norms
+from .base import PerSample, Rule, put, sq_norms
+from .call import Call
 from .registry import DEFAULT
 
 #: below this many positions per channel, a product and a sum beat the fused kernel (its CPU version
@@ -88,12 +87,12 @@ class _ChannelAffineRule(Rule):
         for name, value in self.channel_grads(module, call, dest).items():
             put(dest[name], value, accumulate)
 
-    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], PerSample]:
         grads: dict[str, Tensor] = {}
         for call in calls:
             for name, value in self.channel_grads(module, call, names).items():
                 grads[name] = grads[name] + value if name in grads else value
-        return {n: sq_norms(g) for n, g in grads.items()}, grads
+        return {n: sq_norms(g) for n, g in grads.items()}, PerSample(grads)
 
 
 def _write_affine_grads(b: Tensor, x_hat: Tensor | None, ndims: int, dest: Mapping[str, Tensor], accumulate: bool) -> None:
@@ -134,18 +133,18 @@ def _sum_rows_into(dest: Tensor, value: Tensor, rows: int, accumulate: bool) -> 
 
 
 def _batch_first_only(call: Call, min_dim: int) -> str | None:
-    bdim = call.input_bdim(0)
+    bdim = call.arg_bdim(0)
     if bdim != 0:
         return f"the input carries the batch at dimension {bdim}, not 0"
-    if call.input(0).dim() < min_dim:
+    if call.arg(0).dim() < min_dim:
         return f"the input has fewer than {min_dim} dimensions"
     return None
 
 
 def _trailing_ok(call: Call, ndims: int) -> str | None:
     """The batch must lie outside the normalized (last ``ndims``) dimensions of the original input."""
-    bdim = call.input_bdim(0)
-    x = call.input(0)
+    bdim = call.arg_bdim(0)
+    x = call.arg(0)
     if bdim is not None and bdim >= x.dim() - ndims:
         return f"the batch (dimension {bdim}) lies inside the normalized dimensions"
     return None
@@ -161,14 +160,14 @@ class GroupNormRule(_ChannelAffineRule):
     :func:`_channel_sums`); no loop over channels or groups.
     """
 
-    def check(self, module: nn.GroupNorm, call: Call) -> str | None:
+    def check_call(self, module: nn.GroupNorm, call: Call | None) -> str | None:
         return _batch_first_only(call, 2)
 
     def channel_grads(self, module: nn.GroupNorm, call: Call, names: Collection[str]) -> dict[str, Tensor]:
         x_hat = None
         if "weight" in names:
             # (not into a kept block: native_group_norm's out= variant took twice as long on CPU, torch 2.14)
-            x_hat = F.group_norm(call.input(0), module.num_groups, None, None, module.eps)
+            x_hat = F.group_norm(call.arg(0), module.num_groups, None, None, module.eps)
         return _channel_grads(call.grad(0), x_hat, names)
 
 
@@ -185,15 +184,15 @@ class InstanceNormRule(_ChannelAffineRule):
     ``bias_i[c] = sum_s b_i[c, s]``. Unbatched inputs (``[C, *S]``) are left to the generic rule.
     """
 
-    def check(self, module: nn.modules.instancenorm._InstanceNorm, call: Call) -> str | None:
+    def check_call(self, module: nn.modules.instancenorm._InstanceNorm, call: Call | None) -> str | None:
         expected = next((d for t, d in _INSTANCE_DIMS if isinstance(module, t)), None)
         if expected is None:
             return f"unknown instance norm type {type(module).__name__}"
-        bdim = call.input_bdim(0)
+        bdim = call.arg_bdim(0)
         if bdim != 0:
             return f"the input carries the batch at dimension {bdim}, not 0"
-        if call.input(0).dim() != expected:
-            return f"expected a batched {expected}-d input, got {call.input(0).dim()}-d"
+        if call.arg(0).dim() != expected:
+            return f"expected a batched {expected}-d input, got {call.arg(0).dim()}-d"
         if not (module.training or not module.track_running_stats):
             if module.running_mean is None or module.running_var is None:
                 return "running statistics are tracked but missing"
@@ -204,7 +203,7 @@ class InstanceNormRule(_ChannelAffineRule):
     ) -> dict[str, Tensor]:
         x_hat = None
         if "weight" in names:
-            x = call.input(0)
+            x = call.arg(0)
             if module.training or not module.track_running_stats:
                 x_hat = F.instance_norm(x, None, None, None, None, True, 0.0, module.eps)
             else:  # eval with running statistics: fixed per-channel affine map, buffers are only read
@@ -221,14 +220,14 @@ class LayerNormRule(Rule):
     ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``.
     """
 
-    def check(self, module: nn.LayerNorm, call: Call) -> str | None:
+    def check_call(self, module: nn.LayerNorm, call: Call | None) -> str | None:
         return _trailing_ok(call, len(module.normalized_shape))
 
     def grad_sample(self, module: nn.LayerNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
         b = call.grad(0)
         x_hat = None
         if "weight" in dest:
-            x_hat = F.layer_norm(call.input(0), module.normalized_shape, None, None, module.eps)
+            x_hat = F.layer_norm(call.arg(0), module.normalized_shape, None, None, module.eps)
         _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)
 
 
@@ -240,12 +239,12 @@ class RMSNormRule(Rule):
     ``x, b: [B, *R, *N] -> weight: [B, *N]``; ``weight_i = sum_r b_i[r] * x_hat_i[r]``.
     """
 
-    def check(self, module: nn.RMSNorm, call: Call) -> str | None:
+    def check_call(self, module: nn.RMSNorm, call: Call | None) -> str | None:
         return _trailing_ok(call, len(module.normalized_shape))
 
     def grad_sample(self, module: nn.RMSNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
         b = call.grad(0)
         x_hat = None
         if "weight" in dest:
-            x_hat = F.rms_norm(call.input(0), list(module.normalized_shape), None, module.eps)
+            x_hat = F.rms_norm(call.arg(0), list(module.normalized_shape), None, module.eps)
         _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)

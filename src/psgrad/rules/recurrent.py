@@ -19,47 +19,32 @@ in training mode, and inputs or states that do not carry the batch where the lay
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_unflatten
 
 from ..errors import UnsupportedModelError
-from ..capture import Call
-from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms
+from .call import Call
+from .forms import Block, Forms, LinearFormRule
 from .registry import DEFAULT
 
-_FORWARDS = {nn.RNN: nn.RNN.forward, nn.LSTM: nn.LSTM.forward, nn.GRU: nn.GRU.forward}
-
-#: per parameter, the linear form ``(a [B, T, d], b [B, T, p])`` of its weight gradient ``b_i^T a_i``,
-#: or, for a bias, the per-sample gradient ``[B, p]``
-_Pieces = tuple[dict[str, tuple[Tensor, Tensor]], dict[str, Tensor]]
-
-
-def _stock_forward(module: nn.Module) -> Any:
-    for cls, fwd in _FORWARDS.items():
-        if isinstance(module, cls):
-            return fwd
-    return None
+_SIGNATURES = {cls: inspect.signature(cls.forward) for cls in (nn.RNN, nn.LSTM, nn.GRU)}
 
 
 def _bound(call: Call) -> tuple[Any, Any, Any, Any]:
     """``(input, hx, input's batch dim, hx's batch dims)`` of the call."""
-    forward = _stock_forward(call.module)
-    sig = inspect.signature(forward)
-    args, kwargs = tree_unflatten(call.checked_leaves(), call.spec)
-    values = sig.bind(call.module, *args, **kwargs)
-    values.apply_defaults()
-    x, hx = values.arguments["input"], values.arguments["hx"]
+    signature = next(s for cls, s in _SIGNATURES.items() if isinstance(call.module, cls))
+    values = call.bound(signature)
+    x, hx = values["input"], values["hx"]
     if isinstance(x, PackedSequence):  # its batch dims cannot be rebuilt into a PackedSequence; not needed
         return x, hx, None, None
-    dims_args, dims_kwargs = tree_unflatten(call.in_bdims, call.spec)
-    dims = sig.bind(call.module, *dims_args, **dims_kwargs)
-    return x, hx, dims.arguments.get("input"), dims.arguments.get("hx")
+    dims = call.bound_bdims(signature)
+    return x, hx, dims.get("input"), dims.get("hx")
 
 
 def _refusal(module: nn.RNNBase, call: Call) -> str | None:
@@ -86,14 +71,90 @@ def _refusal(module: nn.RNNBase, call: Call) -> str | None:
             return f"{label}: an initial state does not carry the batch at dimension 1"
     n_out = 3 if isinstance(module, nn.LSTM) else 2
     expected = [lay] + [1] * (n_out - 1)
-    if len(call.out_bdims) != n_out or any(
-        g is not None and d != e for g, d, e in zip(call.grads, call.out_bdims, expected)
-    ):
+    if call.num_outputs != n_out or any(call.has_grad(j) and call.out_bdim(j) != e for j, e in enumerate(expected)):
         return f"{label}: an output does not carry the batch where the layer's layout puts it"
     return None
 
 
-def _pieces(module: nn.RNNBase, call: Call) -> _Pieces:
+# One time step per mode: (u_t, w_t, h_{t-1}, c_{t-1}, W_hr) -> (h_t, c_t, m_t), with u_t = x_t W_ih^T + b_ih and
+# w_t = h_{t-1} W_hh^T + b_hh ([B, G]); c is the LSTM cell state, m the LSTM output before its projection (proj_size).
+Step = Callable[[Tensor, Tensor, Tensor, Any, Any], tuple[Tensor, Any, Any]]
+
+
+def _tanh_step(u: Tensor, w: Tensor, h: Tensor, c: Any, w_hr: Any) -> tuple[Tensor, Any, Any]:
+    return torch.tanh(u + w), None, None
+
+
+def _relu_step(u: Tensor, w: Tensor, h: Tensor, c: Any, w_hr: Any) -> tuple[Tensor, Any, Any]:
+    return torch.relu(u + w), None, None
+
+
+def _lstm_step(u: Tensor, w: Tensor, h: Tensor, c: Tensor, w_hr: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    i, f, g, o = (u + w).chunk(4, 1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    m = torch.sigmoid(o) * torch.tanh(c)
+    return (m if w_hr is None else F.linear(m, w_hr)), c, m
+
+
+def _gru_step(u: Tensor, w: Tensor, h: Tensor, c: Any, w_hr: Any) -> tuple[Tensor, Any, Any]:
+    ur, uz, un = u.chunk(3, 1)
+    wr, wz, wn = w.chunk(3, 1)
+    r = torch.sigmoid(ur + wr)
+    z = torch.sigmoid(uz + wz)
+    n = torch.tanh(un + r * wn)
+    return (1 - z) * n + z * h, None, None
+
+
+_STEPS: dict[str, Step] = {"RNN_TANH": _tanh_step, "RNN_RELU": _relu_step, "LSTM": _lstm_step, "GRU": _gru_step}
+
+
+@dataclass
+class _Direction:
+    """One layer and direction of the recompute: its outputs ``[B, T, H_out]``, last states, and per parameter the
+    input form ``a`` with the graph tensors whose gradients make the output-gradient form ``b``."""
+
+    out: Tensor
+    h_last: Tensor
+    c_last: Tensor | None
+    forms_in: dict[str, tuple[Tensor, list[Tensor]]]
+
+
+def _direction(module: nn.RNNBase, layer_in: Tensor, k: int, sfx: str, reverse: bool, h0: Any, c0: Any) -> _Direction:
+    """Run one layer and direction over ``layer_in [B, T, F]`` with autograd, keeping each pre-activation."""
+    step = _STEPS.get(module.mode)
+    if step is None:
+        raise UnsupportedModelError(f"{type(module).__name__}: unknown recurrent mode {module.mode!r}")
+    bsz, steps = layer_in.shape[0], layer_in.shape[1]
+    proj = getattr(module, "proj_size", 0)
+    w_ih = getattr(module, f"weight_ih_{sfx}").detach()
+    w_hh = getattr(module, f"weight_hh_{sfx}").detach()
+    b_ih = getattr(module, f"bias_ih_{sfx}").detach() if module.bias else None
+    b_hh = getattr(module, f"bias_hh_{sfx}").detach() if module.bias else None
+    w_hr = getattr(module, f"weight_hr_{sfx}").detach() if proj > 0 else None
+    h = h0[k].detach() if h0 is not None else layer_in.new_zeros(bsz, proj if proj > 0 else module.hidden_size)
+    h = h.requires_grad_(True)  # a graph root, so that every w_t below can be differentiated
+    c = None
+    if module.mode == "LSTM":
+        c = c0[k].detach() if c0 is not None else layer_in.new_zeros(bsz, module.hidden_size)
+    u = F.linear(layer_in, w_ih, b_ih)  # [B, T, G]
+    h_prev, w_pre, m_all, h_all = [], [], [], []
+    out: list[Tensor | None] = [None] * steps
+    for t in reversed(range(steps)) if reverse else range(steps):
+        w = F.linear(h, w_hh, b_hh)
+        h_prev.append(h)
+        w_pre.append(w)
+        h, c, m = step(u[:, t], w, h, c, w_hr)
+        if w_hr is not None:
+            m_all.append(m)
+            h_all.append(h)
+        out[t] = h
+    forms_in = {f"weight_ih_{sfx}": (layer_in, [u]), f"weight_hh_{sfx}": (torch.stack(h_prev, 1), w_pre)}
+    if w_hr is not None:
+        forms_in[f"weight_hr_{sfx}"] = (torch.stack(m_all, 1), h_all)
+    return _Direction(torch.stack(out, 1), h, c, forms_in)  # type: ignore[arg-type]
+
+
+def _forms(module: nn.RNNBase, call: Call) -> Forms:
     """Recompute the layer for the whole batch and take the gradient of every pre-activation.
 
     Per layer l and direction (names with suffix ``l{l}`` or ``l{l}_reverse``), with the layer input
@@ -111,154 +172,51 @@ def _pieces(module: nn.RNNBase, call: Call) -> _Pieces:
     ``dW_ih = U^T x``, ``db_ih = sum_t U``, ``dW_hh = W^T h_prev``, ``db_hh = sum_t W``,
     ``dW_hr = (dL/dh)^T m``.
     """
+    reason = _refusal(module, call)
+    if reason is not None:
+        raise UnsupportedModelError(reason)
     x, hx, _, _ = _bound(call)
     lay = 0 if module.batch_first else 1
-    bsz, dirs = call.batch_size, 2 if module.bidirectional else 1
-    mode = module.mode
-    proj = getattr(module, "proj_size", 0)
-    h_out = proj if proj > 0 else module.hidden_size
-    if isinstance(hx, tuple):
-        h0, c0 = hx
-    else:
-        h0, c0 = hx, None
+    dirs = 2 if module.bidirectional else 1
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
     layer_in = x.movedim(lay, 0).detach().requires_grad_(True)  # [B, T, F]; a graph root, never differentiated
-    steps = layer_in.shape[1]
-    forms_in: dict[str, tuple[Tensor, list[Tensor]]] = {}  # name -> (a, the tensors b is the gradient of)
+    forms_in: dict[str, tuple[Tensor, list[Tensor]]] = {}
     h_last: list[Tensor] = []
     c_last: list[Tensor] = []
     with torch.enable_grad():
         for layer in range(module.num_layers):
-            outs = []
-            for d in range(dirs):
-                sfx = f"l{layer}" + ("_reverse" if d else "")
-                w_ih = getattr(module, f"weight_ih_{sfx}").detach()
-                w_hh = getattr(module, f"weight_hh_{sfx}").detach()
-                b_ih = getattr(module, f"bias_ih_{sfx}").detach() if module.bias else None
-                b_hh = getattr(module, f"bias_hh_{sfx}").detach() if module.bias else None
-                w_hr = getattr(module, f"weight_hr_{sfx}").detach() if proj > 0 else None
-                k = layer * dirs + d
-                h = h0[k].detach() if h0 is not None else layer_in.new_zeros(bsz, h_out)
-                h = h.requires_grad_(True)  # a graph root, so that every w_t below can be differentiated
-                c = None
-                if mode == "LSTM":
-                    c = c0[k].detach() if c0 is not None else layer_in.new_zeros(bsz, module.hidden_size)
-                u = F.linear(layer_in, w_ih, b_ih)  # [B, T, G]
-                h_prev, w_pre, m_all, h_all = [], [], [], []
-                out: list[Tensor | None] = [None] * steps
-                for t in range(steps) if d == 0 else reversed(range(steps)):
-                    w = F.linear(h, w_hh, b_hh)
-                    h_prev.append(h)
-                    w_pre.append(w)
-                    ut = u[:, t]
-                    if mode == "RNN_TANH":
-                        h = torch.tanh(ut + w)
-                    elif mode == "RNN_RELU":
-                        h = torch.relu(ut + w)
-                    elif mode == "LSTM":
-                        i, f, g, o = (ut + w).chunk(4, 1)
-                        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                        m = torch.sigmoid(o) * torch.tanh(c)
-                        if w_hr is not None:
-                            h = F.linear(m, w_hr)
-                            m_all.append(m)
-                            h_all.append(h)
-                        else:
-                            h = m
-                    elif mode == "GRU":
-                        ur, uz, un = ut.chunk(3, 1)
-                        wr, wz, wn = w.chunk(3, 1)
-                        r = torch.sigmoid(ur + wr)
-                        z = torch.sigmoid(uz + wz)
-                        n = torch.tanh(un + r * wn)
-                        h = (1 - z) * n + z * h
-                    else:
-                        raise UnsupportedModelError(f"{type(module).__name__}: unknown recurrent mode {mode!r}")
-                    out[t] = h
-                outs.append(torch.stack(out, 1))  # type: ignore[arg-type]
-                h_last.append(h)
-                if c is not None:
-                    c_last.append(c)
-                forms_in[f"weight_ih_{sfx}"] = (layer_in, [u])
-                forms_in[f"weight_hh_{sfx}"] = (torch.stack(h_prev, 1), w_pre)
-                if w_hr is not None:
-                    forms_in[f"weight_hr_{sfx}"] = (torch.stack(m_all, 1), h_all)
-            layer_in = torch.cat(outs, 2) if dirs > 1 else outs[0]
+            runs = [_direction(module, layer_in, layer * dirs + d, f"l{layer}" + ("_reverse" if d else ""), d == 1, h0, c0)
+                    for d in range(dirs)]
+            for run in runs:
+                h_last.append(run.h_last)
+                if run.c_last is not None:
+                    c_last.append(run.c_last)
+                forms_in.update(run.forms_in)
+            layer_in = torch.cat([r.out for r in runs], 2) if dirs > 1 else runs[0].out
         results = [layer_in, torch.stack(h_last, 1)] + ([torch.stack(c_last, 1)] if c_last else [])
-        live = [j for j, g in enumerate(call.grads) if g is not None]
+        live = [j for j in range(call.num_outputs) if call.has_grad(j)]
         wanted = [t for _, parts in forms_in.values() for t in parts]
         found = torch.autograd.grad(
             [results[j] for j in live], wanted, [call.grad(j) for j in live], allow_unused=True
         )
     grads = iter(torch.zeros_like(t) if g is None else g for t, g in zip(wanted, found))
-    forms: dict[str, tuple[Tensor, Tensor]] = {}
-    sums: dict[str, Tensor] = {}
+    forms = Forms()
     for name, (a, parts) in forms_in.items():
         mine = [next(grads) for _ in parts]
         b = mine[0] if name.startswith("weight_ih") else torch.stack(mine, 1)  # u is [B, T, G] already
-        forms[name] = (a.detach(), b)
+        forms.weights[name] = [Block(0, a.detach(), b)]
         if module.bias and not name.startswith("weight_hr"):
-            sums[name.replace("weight", "bias", 1)] = b.sum(1)
-    return forms, sums
-
-
-def _concat(pieces: Sequence[_Pieces]) -> _Pieces:
-    """Several calls as one: forms concatenated along T, bias gradients added."""
-    forms = {n: (torch.cat([p[0][n][0] for p in pieces], 1), torch.cat([p[0][n][1] for p in pieces], 1)) for n in pieces[0][0]}
-    sums = {n: sum(p[1][n] for p in pieces) for n in pieces[0][1]}
-    return forms, sums  # type: ignore[return-value]
+            forms.sums[name.replace("weight", "bias", 1)] = [(0, b.sum(1))]
+    return forms
 
 
 @DEFAULT.register(nn.RNN, nn.LSTM, nn.GRU)
-class RecurrentRule(Rule):
+class RecurrentRule(LinearFormRule):
     """nn.RNN, nn.LSTM and nn.GRU: batch_first either way, any num_layers, bidirectional, bias on or off,
     LSTM proj_size, with or without an initial state, gradients from output, h_n and c_n alike."""
 
-    def check(self, module: nn.Module, call: Call) -> str | None:
-        if type(module).forward is not _stock_forward(module):
-            return "forward is overridden"
-        return None
+    reproduces = (nn.RNN, nn.LSTM, nn.GRU)
+    computation = ("forward",)
 
-    def _pieces(self, module: nn.RNNBase, calls: Sequence[Call]) -> _Pieces:
-        for call in calls:
-            reason = _refusal(module, call)
-            if reason is not None:
-                raise UnsupportedModelError(reason)
-        return _concat([_pieces(module, c) for c in calls])
-
-    def grad_sample(self, module: nn.RNNBase, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-        forms, sums = self._pieces(module, [call])
-        for name, (a, b) in forms.items():
-            if name in dest:
-                if accumulate:
-                    dest[name].baddbmm_(b.transpose(1, 2), a)
-                else:
-                    torch.bmm(b.transpose(1, 2), a, out=dest[name])
-        for name, s in sums.items():
-            if name in dest:
-                put(dest[name], s, accumulate)
-
-    def norm_sample(self, module: nn.RNNBase, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
-        """Weights: :func:`~psgrad.rules.base.linear_form_norms` (ghost norm or materialized); biases: exact."""
-        forms, sums = self._pieces(module, calls)
-        norms: dict[str, Tensor] = {}
-        caches: dict[str, Any] = {}
-        for name, (a, b) in forms.items():
-            if name in names:
-                norms[name], caches[name] = linear_form_norms(a, b)
-        for name, s in sums.items():
-            if name in names:
-                norms[name] = sq_norms(s)
-        return norms, (sums, caches)
-
-    def clipped_sum(
-        self, module: nn.RNNBase, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: Any
-    ) -> dict[str, Tensor]:
-        sums, caches = cache
-        out: dict[str, Tensor] = {}
-        for name, kept in caches.items():
-            if name in names:
-                out[name] = linear_form_clipped(c, kept)
-        for name, s in sums.items():
-            if name in names:
-                out[name] = c.to(s.dtype) @ s
-        return out
+    def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
+        return _forms(module, call)  # type: ignore[arg-type]

@@ -1,0 +1,232 @@
+"""Recording: the real forward builds one :class:`~psgrad.rules.call.Call` per call of each unit, and the backward
+delivers each call's output gradients.
+
+NOTE [why capture output gradients with tensor hooks]
+Full backward hooks on modules break when an in-place op follows the module (stock torchvision ResNets
+do ``out += identity`` and ``relu_``). A hook registered on the output tensor *before* such an in-place
+op keeps receiving the gradient with respect to the value the module produced, which is what the rules
+need. The backward is ``torch.autograd.grad`` with those outputs' gradient edges as inputs: autograd then
+skips the summed weight gradients, which per-sample gradients never need (about a third of a backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..batch import Batch
+from ..errors import UnsupportedModelError
+from ..rules.call import Call
+from .probe import Layout, batch_dim
+from .unit import Unit, flatten_call, flatten_output, tensor_args_spec
+from .uses import check_parameter_uses
+
+#: called once per call of a unit once its output gradients are in: ``on_ready(unit, call)``
+OnReady = Callable[[Unit, Call], None]
+
+
+@dataclass(eq=False)
+class _Pending:
+    """The capture's own bookkeeping of one call: how many output gradients are still to arrive, whether the
+    call was handed on, which outputs were expanded from a batch of one, and the autograd window of its nodes."""
+
+    unit: Unit
+    call: Call
+    expanded: list[bool] = field(default_factory=list)
+    pending: int = 0
+    reported: bool = False
+    window: tuple[int, int] = (0, 0)
+
+
+class Recorder:
+    """The real forward's hooks and the backward, for ``units`` laid out by the probe."""
+
+    def __init__(self, units: Sequence[Unit], layout: Layout, batch_size: int):
+        self.units = list(units)
+        self.layout = layout
+        self.batch_size = batch_size
+        self._records: list[list[_Pending]] = [[] for _ in self.units]
+        self._open: list[list[int]] = [[] for _ in self.units]
+        self._edges: list[Any] = []
+        self._on_ready: OnReady | None = None
+        self._error: Exception | None = None
+        self._expanded_any = False
+        self._marker = torch.zeros((), requires_grad=True)
+
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
+        """The model's forward on the whole batch with every unit's calls recorded."""
+        self._expanded_any = False
+        try:
+            with self._hooked():
+                return batch.call(model)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:
+            if not self._expanded_any:
+                raise
+            raise UnsupportedModelError(
+                "the model failed once an output without batch dimension was expanded over the batch "
+                f"(NOTE [outputs broadcast from a batch of one]): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def backward(self, loss: Tensor, on_ready: OnReady | None = None) -> None:
+        """Backward of ``loss``; ``on_ready(unit, call)`` runs once per call: as soon as the call has all
+        its output gradients, or after the backward for calls some of whose outputs received none."""
+        check_parameter_uses(loss, self.units, [[r.window for r in records] for records in self._records])
+        self._on_ready = on_ready
+        if self._edges:
+            torch.autograd.grad(loss, self._edges, allow_unused=True, materialize_grads=False)
+        self._edges.clear()
+        if self._error is not None:
+            raise self._error
+        for records in self._records:
+            for record in records:
+                if not record.reported and on_ready is not None:
+                    record.reported = True
+                    on_ready(record.unit, record.call)
+
+    def release(self) -> None:
+        """Drop every captured tensor and every edge."""
+        self._edges.clear()
+        for unit in self.units:
+            for call in unit.calls:
+                call.release()
+            unit.calls.clear()
+        self._records = [[] for _ in self.units]
+
+    # forward -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator[None]:
+        handles = []
+        try:
+            for u, unit in enumerate(self.units):
+                handles.append(unit.module.register_forward_pre_hook(self._pre_hook(u)))
+                handles.append(unit.module.register_forward_hook(self._hook(u), with_kwargs=True))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _pre_hook(self, u: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._open[u].append(self._seq())
+
+        return hook
+
+    def _seq(self) -> int:
+        """The autograd sequence number of a node made now: nodes made later have larger ones."""
+        return self._marker.view(()).grad_fn._sequence_nr()
+
+    def _hook(self, u: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return self._record(u, args, kwargs, output)
+
+        return hook
+
+    def _record(self, u: int, args: tuple, kwargs: dict, output: Any) -> Any:
+        unit = self.units[u]
+        start = self._open[u].pop()
+        index = len(unit.calls)
+        probed = self.layout.of_call(u, index)
+        if probed is None:
+            raise UnsupportedModelError(
+                f"{unit.label} is called more often at batch {self.batch_size} than at batch {self.layout.size}; "
+                "the call structure depends on the batch size"
+            )
+        in_probe, out_probe = probed
+        b, bp = self.batch_size, self.layout.size
+        leaves, spec = flatten_call(args, kwargs)
+        outs, out_spec = flatten_output(output)
+        if len(leaves) != len(in_probe) or len(outs) != len(out_probe):
+            raise UnsupportedModelError(f"{unit.label}: its call signature changes with the batch size")
+        in_bdims: list[int | None] = []
+        versions: list[int | None] = []
+        kept: list[Any] = []
+        for i, t in enumerate(leaves):
+            if isinstance(t, Tensor):
+                in_bdims.append(batch_dim(t.shape, in_probe[i], b, bp, lambda i=i: f"input {i} of {unit.label}"))
+                kept.append(t.detach())
+                versions.append(t._version)
+            else:
+                in_bdims.append(None)
+                kept.append(t)
+                versions.append(None)
+        call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs), _arg_leaves(args, spec))
+        record = _Pending(unit, call)
+        changed = False
+        for j, t in enumerate(outs):
+            if not isinstance(t, Tensor):
+                call.out_bdims.append(None)
+                call.out_shapes.append(None)
+                record.expanded.append(False)
+                continue
+            bdim = batch_dim(t.shape, out_probe[j], b, bp, lambda j=j: f"output {j} of {unit.label}")
+            expanded = False
+            if bdim is None and t.requires_grad:
+                if (u, index, j) in self.layout.expandable:
+                    t = outs[j] = t.expand(b, *t.shape[1:])  # NOTE [outputs broadcast from a batch of one]
+                    bdim, expanded, changed = 0, True, True
+                    self._expanded_any = True
+                else:
+                    raise UnsupportedModelError(
+                        f"output {j} of {unit.label} has no batch dimension (shape {list(t.shape)}), so its "
+                        "gradient mixes all examples, and it cannot be expanded over the batch without changing "
+                        "the model (NOTE [outputs broadcast from a batch of one])"
+                    )
+            call.out_bdims.append(bdim)
+            call.out_shapes.append(t.shape)
+            record.expanded.append(expanded)
+            if t.requires_grad:
+                t.register_hook(self._grad_hook(record, j))
+                self._edges.append(torch.autograd.graph.get_gradient_edge(t))
+                record.pending += 1
+        record.window = (start, self._seq())
+        unit.calls.append(call)
+        self._records[u].append(record)
+        return tree_unflatten(outs, out_spec) if changed else None
+
+    # backward ----------------------------------------------------------------------------------------
+    def _grad_hook(self, record: _Pending, j: int) -> Callable[[Tensor], None]:
+        call = record.call
+
+        def hook(g: Tensor | None) -> None:
+            # g is None for an output without gradient whose sibling (same autograd node) has one
+            if self._error is not None:
+                return
+            if g is not None and record.expanded[j] and call.batch_size > 1 and not bool(g[1:].any()) and bool(g[0].any()):
+                self._error = UnsupportedModelError(
+                    f"output {j} of {record.unit.label} is broadcast from a batch of one, but later code only uses "
+                    "its first row; per-sample gradients cannot be separated there"
+                )
+                return
+            if g is not None:
+                call.grads[j] = g.detach()
+            record.pending -= 1
+            if record.pending == 0 and self._on_ready is not None:
+                record.reported = True
+                try:
+                    self._on_ready(record.unit, call)
+                except Exception as exc:  # re-raised after backward, outside autograd's thread
+                    self._error = exc
+
+        return hook
+
+
+def _arg_leaves(args: tuple, spec: Any) -> list[int | None]:
+    """The leaf index of each positional argument that is a single leaf (positional args come first among
+    the leaves of ``(args, kwargs)``)."""
+    if spec is tensor_args_spec(len(args)):
+        return list(range(len(args)))
+    out: list[int | None] = []
+    offset = 0
+    for arg in args:
+        n = len(tree_flatten(arg)[0])
+        out.append(offset if n == 1 else None)
+        offset += n
+    return out

@@ -1,0 +1,47 @@
+"""The unit of capture: a module whose calls are recorded, and the flattening of its calls' arguments."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ..rules.call import Call
+
+
+@dataclass(eq=False)
+class Unit:
+    """A module whose calls are captured; ``params`` (``{result name: parameter}``) are the parameters it
+    differentiates, whose every use must lie inside one of its calls (NOTE [parameters used outside their
+    module] in :mod:`psgrad.capture.uses`); ``label`` names it in messages."""
+
+    module: nn.Module
+    label: str
+    params: dict[str, nn.Parameter]
+    calls: list[Call] = field(default_factory=list)
+
+
+@functools.cache
+def tensor_args_spec(n: int) -> Any:
+    """The pytree spec of ``(args, {})`` for ``n`` tensor arguments."""
+    return tree_flatten((tuple(range(n)), {}))[1]
+
+
+_LEAF_SPEC = tree_flatten(0)[1]
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[Any], Any]:
+    """``tree_flatten((args, kwargs))``, without walking pytree for the common call of tensor arguments only."""
+    if not kwargs and all(type(a) is Tensor or type(a) is nn.Parameter for a in args):
+        return list(args), tensor_args_spec(len(args))
+    return tree_flatten((args, kwargs))
+
+
+def flatten_output(output: Any) -> tuple[list[Any], Any]:
+    """``tree_flatten(output)``, without walking pytree for a single tensor."""
+    if type(output) is Tensor:
+        return [output], _LEAF_SPEC
+    return tree_flatten(output)

@@ -1,0 +1,59 @@
+"""The check that every use of a differentiated parameter lies inside a call of the unit that owns it.
+
+NOTE [parameters used outside their module]
+A parameter's gradient is only complete if every use of it lies inside a call of a unit that
+differentiates it. After the forward, the autograd graph is walked once: every node that consumes a
+wanted parameter must have been created during such a call (autograd sequence numbers are increasing, so
+each call is a window of them). A use elsewhere (a tied weight passed to ``F.linear`` by the parent) is
+refused with UnsupportedModelError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import UnsupportedModelError
+from .unit import Unit
+
+
+def check_parameter_uses(loss: Tensor, units: Sequence[Unit], windows: Sequence[Sequence[tuple[int, int]]]) -> None:
+    """Refuse if a parameter of ``units[u]`` is consumed by an autograd node made outside every window
+    ``windows[u]`` (the sequence numbers of its calls' nodes)."""
+    inside: dict[int, list[tuple[int, int]]] = {}
+    names: dict[int, str] = {}
+    for unit, unit_windows in zip(units, windows):
+        for name, p in unit.params.items():
+            inside.setdefault(id(p), []).extend(unit_windows)
+            names[id(p)] = name
+    for node, param in _parameter_consumers(loss.grad_fn):
+        key = id(param)
+        if key not in inside:
+            continue
+        seq = node._sequence_nr()
+        if not any(lo <= seq <= hi for lo, hi in inside[key]):
+            raise UnsupportedModelError(
+                f"parameter '{names[key]}' is used outside the forward of the module that owns it "
+                f"(by {type(node).__name__}); its per-sample gradient would miss that use"
+            )
+
+
+def _parameter_consumers(root: Any) -> Iterator[tuple[Any, Tensor]]:
+    """(node, leaf tensor) for every autograd node with an edge into a leaf's AccumulateGrad."""
+    seen: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None:
+                yield node, variable
+            elif id(nxt) not in seen:
+                stack.append(nxt)

@@ -1,0 +1,151 @@
+"""One base for rules whose parameters enter as linear forms plus sums: Linear, the projections of attention,
+the gates of recurrent layers.
+
+For such a layer every weight-like parameter's per-sample gradient is, block of rows by block of rows,
+``b_i^T a_i`` with an input form ``a_i: [T, d]`` and an output-gradient form ``b_i: [T, p]`` (a :class:`Block`),
+every bias-like parameter's is a per-sample sum ``s_i: [p]`` over positions, and anything else (e.g. attention's
+``bias_k``) is small enough to hand over materialized. A rule derives from :class:`LinearFormRule` and writes
+:meth:`LinearFormRule.forms` only; per-sample gradients, norms and clipped sums follow from the forms:
+
+    grads:   weight_i[rows] = b_i^T a_i,  bias_i[entries] = s_i
+    norms:   ||b_i^T a_i||^2 per block (:func:`~psgrad.rules.base.linear_form_norms`: T = 1, ghost or materialized)
+    clipped: sum_i c_i b_i^T a_i = (c b)^T a per block (book-keeping), sum_i c_i s_i
+
+Several calls of one module are one form with their positions concatenated, which sums their gradients
+(cross terms included in the norms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms, weighted_sum, write_products
+from .call import Call
+
+
+@dataclass
+class Block:
+    """Rows ``offset : offset + p`` of a weight-like parameter, whose per-sample gradient is ``b_i^T a_i``
+    with ``a: [B, T, d]`` and ``b: [B, T, p]``."""
+
+    offset: int
+    a: Tensor
+    b: Tensor
+
+
+@dataclass
+class Forms:
+    """One or more calls of a layer as linear forms, by local parameter name: ``weights`` (blocks of rows),
+    ``sums`` (``(offset, s [B, p])``: entries ``offset : offset + p`` of a bias-like vector) and ``extra``
+    (small per-sample gradients ``[B, *shape]``)."""
+
+    weights: dict[str, list[Block]] = field(default_factory=dict)
+    sums: dict[str, list[tuple[int, Tensor]]] = field(default_factory=dict)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: Sequence[Forms]) -> Forms:
+        """Several calls as one: blocks concatenated along T, sums and extras added."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        out = Forms()
+        for name, blocks in first.weights.items():
+            out.weights[name] = [
+                Block(blk.offset, torch.cat([p.weights[name][j].a for p in parts], 1),
+                      torch.cat([p.weights[name][j].b for p in parts], 1))
+                for j, blk in enumerate(blocks)
+            ]
+        for name, sums in first.sums.items():
+            out.sums[name] = [(off, sum(p.sums[name][j][1] for p in parts)) for j, (off, _) in enumerate(sums)]
+        for name in first.extra:
+            out.extra[name] = sum(p.extra[name] for p in parts)
+        return out
+
+
+@dataclass
+class FormsCache:
+    """What :meth:`LinearFormRule.clipped_sum` needs: per weight, one :func:`linear_form_norms` cache per block;
+    the sums and extras of the forms."""
+
+    weights: dict[str, list[Any]]
+    sums: dict[str, list[tuple[int, Tensor]]]
+    extra: dict[str, Tensor]
+
+
+class LinearFormRule(Rule):
+    """A rule given by :meth:`forms`; see the module docstring for what follows from them."""
+
+    keeps_per_sample = False
+
+    def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
+        """The call's forms for (at least) the parameters in ``names``."""
+        raise NotImplementedError
+
+    def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        forms = self.forms(module, call, dest)
+        for name, blocks in forms.weights.items():
+            if name in dest:
+                for blk in blocks:
+                    rows = dest[name]
+                    if blk.offset or blk.b.shape[2] != rows.shape[1]:
+                        rows = rows[:, blk.offset : blk.offset + blk.b.shape[2]]
+                    write_products(rows, blk.b.transpose(1, 2), blk.a, accumulate)
+        for name, sums in forms.sums.items():
+            if name in dest:
+                for off, s in sums:
+                    target = dest[name] if off == 0 and s.shape[1] == dest[name].shape[1] else dest[name][:, off : off + s.shape[1]]
+                    put(target, s, accumulate)
+        for name, value in forms.extra.items():
+            if name in dest:
+                put(dest[name], value, accumulate)
+
+    def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], Any]:
+        """Weights: the sum over blocks of :func:`~psgrad.rules.base.linear_form_norms` (ghost norm or
+        materialized, whichever is cheaper); sums and extras: exact, from the per-sample values."""
+        forms = Forms.concat([self.forms(module, c, names) for c in calls])
+        norms: dict[str, Tensor] = {}
+        kept: dict[str, list[Any]] = {}
+        for name, blocks in forms.weights.items():
+            if name in names:
+                results = [linear_form_norms(blk.a, blk.b) for blk in blocks]
+                norms[name] = _total([r[0] for r in results])
+                kept[name] = [r[1] for r in results]
+        for name, sums in forms.sums.items():
+            if name in names:
+                norms[name] = _total([sq_norms(s) for _, s in sums])
+        for name, value in forms.extra.items():
+            if name in names:
+                norms[name] = sq_norms(value)
+        return norms, FormsCache(kept, forms.sums, forms.extra)
+
+    def clipped_sum(
+        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], c: Tensor, cache: FormsCache
+    ) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, kept in cache.weights.items():
+            if name in names:
+                out[name] = _stacked([linear_form_clipped(c, k) for k in kept])
+        for name, sums in cache.sums.items():
+            if name in names:
+                out[name] = _stacked([c.to(s.dtype) @ s for _, s in sums])
+        for name, value in cache.extra.items():
+            if name in names:
+                out[name] = weighted_sum(c, value)
+        return out
+
+
+def _total(values: list[Tensor]) -> Tensor:
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def _stacked(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
