@@ -35,6 +35,7 @@ from psgrad.dp import (
     secure_normal,
 )
 from psgrad.dp import cli as dp_cli
+from psgrad.dp import trainers as dp_trainers
 from psgrad.verify import tolerance
 
 Z = 5.0
@@ -397,17 +398,17 @@ def test_train_cli_resume_matches_uninterrupted(tmp_path, monkeypatch):
     full = tmp_path / "full.json"
     assert dp_cli.main([*SMALL, "--json", str(full)]) == 0
 
-    real_save = dp_cli.save_checkpoint
+    real_save = dp_trainers.save_checkpoint
 
     def save_then_stop(*args, **kw):
         real_save(*args, **kw)
         raise KeyboardInterrupt  # the run dies right after its first checkpoint
 
     ckpt, resumed = tmp_path / "run.pt", tmp_path / "resumed.json"
-    monkeypatch.setattr(dp_cli, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(dp_trainers, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         dp_cli.main([*SMALL, "--checkpoint", str(ckpt)])
-    monkeypatch.setattr(dp_cli, "save_checkpoint", real_save)
+    monkeypatch.setattr(dp_trainers, "save_checkpoint", real_save)
     assert dp_cli.main([*SMALL, "--resume", str(ckpt), "--json", str(resumed)]) == 0
 
     def strip(path):

@@ -2,7 +2,15 @@
 
 __version__ = "0.1.0"
 
-from .api import clipped_grad_sum, empty_cache, engines, parameter_groups, per_sample_grads, per_sample_norms
+from .api import (
+    clipped_grad_sum,
+    empty_cache,
+    engine_status,
+    engines,
+    parameter_groups,
+    per_sample_grads,
+    per_sample_norms,
+)
 from .errors import MissingDependencyError, PsgradError, UnsupportedModelError
 from .verify import verify
 
@@ -13,6 +21,7 @@ __all__ = [
     "__version__",
     "clipped_grad_sum",
     "empty_cache",
+    "engine_status",
     "engines",
     "parameter_groups",
     "per_sample_grads",

@@ -27,9 +27,13 @@ class ClipSpec:
     max_norm: float | Mapping[str, float]
     gamma: float = 0.01
     groups: Mapping[str, str] = field(default_factory=dict)  # parameter name -> group name
+    #: the bound on the norm of a whole clipped gradient: C, or sqrt(sum C_k^2) over per-layer bounds
+    bound: float = math.nan
 
     @classmethod
     def make(cls, mode: str, max_norm, gamma: float, groups: Mapping[str, str], where: str) -> ClipSpec:
+        """Validate the clipping settings (every public entry point uses this) and build the spec; ``groups``
+        maps each parameter name to its group (see :func:`psgrad.parameter_groups`)."""
         if mode not in MODES:
             raise PsgradError(f"{where}: unknown clipping {mode!r}; valid: {', '.join(MODES)}")
         group_names = sorted(set(groups.values()))
@@ -41,20 +45,24 @@ class ClipSpec:
             if missing or unknown:
                 raise PsgradError(
                     f"{where}: per_layer bounds must name every group exactly; missing {missing}, unknown {unknown}; "
-                    f"groups are {group_names}"
+                    f"the groups are {group_names}"
                 )
-            bounds = dict(max_norm)
-        else:
-            bounds = {"": max_norm}
-        for value in bounds.values():
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise PsgradError(f"{where}: max_norm must be a positive finite number, got {value!r}")
-        if mode == "automatic" and not (gamma > 0):
+            bad = {g: v for g, v in max_norm.items() if not _positive(v)}
+            if bad:
+                raise PsgradError(f"{where}: max_norm bounds must be positive finite numbers, got {bad}")
+            max_norm = {g: float(v) for g, v in max_norm.items()}
+        elif not _positive(max_norm):
+            raise PsgradError(f"{where}: max_norm must be a positive finite number (the clipping bound C), got {max_norm!r}")
+        if mode == "automatic" and not (_positive(gamma)):
             raise PsgradError(f"{where}: gamma must be positive for automatic clipping, got {gamma!r}")
-        if mode == "per_layer" and not isinstance(max_norm, Mapping):
-            scalar = float(max_norm) / math.sqrt(len(group_names))
-            max_norm = {g: scalar for g in group_names}
-        return cls(mode, max_norm, gamma, dict(groups))
+        if isinstance(max_norm, Mapping):
+            bound = math.sqrt(sum(v * v for v in max_norm.values()))
+        else:
+            bound = float(max_norm)
+            if mode == "per_layer":
+                scalar = bound / math.sqrt(len(group_names))
+                max_norm = {g: scalar for g in group_names}
+        return cls(mode, max_norm if isinstance(max_norm, Mapping) else bound, gamma, dict(groups), bound)
 
     def total_norm(self, sq_norms: Mapping[str, Tensor]) -> Tensor:
         return torch.stack(list(sq_norms.values())).double().sum(0).sqrt()
@@ -74,6 +82,11 @@ class ClipSpec:
         else:
             c = float(self.max_norm) / (norm + self.gamma)
         return dict.fromkeys(sq_norms, c)
+
+
+def _positive(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
 
 
 def flat_factors(norm: Tensor, bound: float) -> Tensor:

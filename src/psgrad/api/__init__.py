@@ -35,6 +35,11 @@ def engines() -> list[str]:
     return _engines.available()
 
 
+def engine_status() -> dict[str, str | None]:
+    """Every engine psgrad knows, with None where it is usable here, else the reason (e.g. what to install)."""
+    return {name: engine.available() for name, engine in _engines.ENGINES.items()}
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: LossFn,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .spec import TASKS
+from psgrad.verify import TASKS
 
 EXAMPLES = """\
 rows: per workload and batch size, plain (forward + backward of the summed loss) and ref (plain + one fill

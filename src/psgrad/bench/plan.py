@@ -41,11 +41,12 @@ class Planned:
 
 def engine_names() -> tuple[list[str], dict[str, str | None]]:
     """Known engine names in bench order, and for each the reason it is unavailable (None if available)."""
-    from psgrad.engines import ENGINES
+    import psgrad
 
+    known = psgrad.engine_status()
     order = ["hooks", "vmap", "expanded", "opacus", "loop"]
-    names = [n for n in order if n in ENGINES] + [n for n in ENGINES if n not in order]
-    reasons: dict[str, str | None] = {n: ENGINES[n].available() for n in names}
+    names = [n for n in order if n in known] + [n for n in known if n not in order]
+    reasons: dict[str, str | None] = {n: known[n] for n in names}
     reasons[DP_PEER] = reasons.get("opacus", "needs opacus: pip install 'psgrad[peers]'")
     return [*names, DP_PEER], reasons
 

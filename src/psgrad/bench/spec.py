@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-TASKS = ("grads", "norms", "clipped")
 YARDSTICKS = ("plain", "ref")
 DP_PEER = "opacus-dp"
 DP_MODES = ("hooks", "ghost")

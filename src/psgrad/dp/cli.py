@@ -6,9 +6,8 @@ spent so far, accounted for the Poisson sampling actually used. ``--non-private`
 the same batches without clipping or noise; ``--peer opacus`` trains it a second time with Opacus's
 PrivacyEngine doing the DP step (same batches, bounds, noise multiplier and accountant).
 
-The printed loss and accuracy are measured on the held-out test split. The "clipped" column (the fraction
-of training examples whose gradient was clipped) comes from the private training data without noise: a
-diagnostic for tuning, not a statistic to publish.
+This module parses and checks the options and writes the outputs; the training itself is in
+:mod:`psgrad.dp.trainers`.
 """
 
 from __future__ import annotations
@@ -17,21 +16,16 @@ import argparse
 import json
 import math
 import platform
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
+from ..clipping import MODES as CLIPPING
 from ..errors import MissingDependencyError, PsgradError
 from .accounting import METHODS, noise_multiplier_for
-from .checkpoint import load_checkpoint, save_checkpoint
-from .digits import Digits, convnet, evaluate, load_digits
-from .optimizer import CLIPPING, DPSGD
-from .sampling import PoissonSampler, poisson_loader
+from .digits import convnet, load_digits
+from .trainers import DEFAULT_EPSILON, Reporter, Run, run_nonprivate, run_opacus, run_psgrad
 
 EXAMPLES = """examples:
   psgrad train                                   # DP-SGD, epsilon 8, delta 1e-5, the tuned defaults
@@ -40,11 +34,6 @@ EXAMPLES = """examples:
   psgrad train --peer opacus                     # psgrad, then Opacus with identical settings
   psgrad train --checkpoint run.pt               # save after every epoch; later: --resume run.pt
 """
-
-# Settings a resumed run must share with the checkpointed one (anything else may differ).
-_RESUME_KEYS = ("epsilon", "noise_multiplier", "delta", "epochs", "batch_size", "max_norm", "clipping", "lr", "momentum",
-                "accountant", "secure_noise", "seed", "width")
-
 
 def _positive(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
@@ -96,22 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Run:
-    """One training run's per-epoch records and totals."""
-
-    name: str
-    records: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.records[-1] if self.records else {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "records": self.records, "seconds": self.seconds, "final": self.final}
-
-
 def _check(args: argparse.Namespace) -> None:
     """Every bad setting, before any training."""
     where = "psgrad train"
@@ -141,196 +114,6 @@ def _check(args: argparse.Namespace) -> None:
         raise PsgradError(f"{where}: --peer opacus does not split batches; drop --physical-batch-size")
     if (args.checkpoint or args.resume) and args.non_private:
         raise PsgradError(f"{where}: --checkpoint/--resume save DP-SGD runs; drop --non-private")
-
-
-class _Reporter:
-    """A rich console and per-epoch progress bar; plain prints where rich is missing."""
-
-    def __init__(self) -> None:
-        try:
-            from rich.console import Console
-        except ImportError:  # pragma: no cover - exercised only without the extra
-            self.console = None
-        else:
-            self.console = Console(highlight=False)
-
-    def print(self, text: str) -> None:
-        if self.console is None:
-            print(text)
-        else:
-            self.console.print(text, markup=False, soft_wrap=True)
-
-    def progress(self):
-        if self.console is None or not self.console.is_terminal:  # a bar is noise in a log file
-            return None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=self.console, transient=True)
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    eps = record["epsilon"]
-    eps_text = "inf" if eps == math.inf else f"{eps:.3f}"
-    clipped = record.get("clipped_fraction")
-    clip_text = "" if clipped is None else f"  clipped {100 * clipped:5.1f}%"
-    return (f"epoch {record['epoch']:3d}/{epochs}  test loss {record['test_loss']:.4f}  "
-            f"test acc {100 * record['test_accuracy']:6.2f}%  eps {eps_text}{clip_text}  "
-            f"{record['seconds']:6.1f} s")
-
-
-def _epochs(
-    name: str,
-    args: argparse.Namespace,
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    step: Callable[[Tensor, Tensor], tuple[int | None, int]],
-    epsilon: Callable[[], float],
-    data: Digits,
-    report: _Reporter,
-    run: Run,
-    start_epoch: int = 1,
-    after_epoch: Callable[[int], None] | None = None,
-) -> Run:
-    """Train epochs ``start_epoch..args.epochs``, one record per epoch, with a progress bar."""
-    start = time.perf_counter() - run.seconds
-    progress = report.progress()
-    if progress is not None:
-        progress.start()
-    try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            task = None if progress is None else progress.add_task(f"{name} epoch {epoch}", total=len(loader))
-            examples = empty = 0
-            clipped: int | None = 0
-            for xb, yb in loader:
-                c, n = step(xb, yb)
-                clipped = None if c is None or clipped is None else clipped + c
-                examples, empty = examples + n, empty + (n == 0)
-                if progress is not None:
-                    progress.advance(task)
-            if progress is not None:
-                progress.remove_task(task)
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
-            run.seconds = time.perf_counter() - start
-            record = {"epoch": epoch, "steps": epoch * len(loader), "test_loss": test_loss, "test_accuracy": test_acc,
-                      "epsilon": epsilon(), "examples": examples, "empty_batches": empty, "seconds": run.seconds}
-            if clipped is not None:
-                record["clipped_fraction"] = clipped / examples if examples else math.nan
-            run.records.append(record)
-            report.print(f"{name:>11}  " + _epoch_line(record, args.epochs))
-            if after_epoch is not None:
-                after_epoch(epoch)
-    finally:
-        if progress is not None:
-            progress.stop()
-    return run
-
-
-def _model(args: argparse.Namespace) -> tuple[nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(args.seed)
-    model = convnet(args.width)
-    return model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-
-
-def _loader(args: argparse.Namespace, data: Digits, q: float) -> torch.utils.data.DataLoader:
-    dataset = TensorDataset(data.x_train, data.y_train)
-    if args.secure_noise:
-        return poisson_loader(dataset, q, secure=True)
-    return poisson_loader(dataset, q, seed=args.seed)
-
-
-CE_SUM = nn.CrossEntropyLoss(reduction="none")
-DEFAULT_EPSILON = 8.0
-
-
-def run_psgrad(args: argparse.Namespace, data: Digits, q: float, sigma: float, report: _Reporter) -> Run:
-    model, opt = _model(args)
-    loader = _loader(args, data, q)
-    n = len(data.y_train)
-    noise = {"secure": True} if args.secure_noise else {"seed": args.seed + 1}
-    dp = DPSGD(model, CE_SUM, opt, noise_multiplier=sigma, max_norm=args.max_norm, sample_rate=q, dataset_size=n,
-               clipping=args.clipping, accountant=args.accountant, engine=args.engine, **noise)
-    sampler: PoissonSampler = loader.batch_sampler  # type: ignore[assignment]
-    run, start_epoch = Run("psgrad"), 1
-    config = {k: getattr(args, k) for k in _RESUME_KEYS}
-    if args.resume:
-        extra = load_checkpoint(args.resume, model=model, optimizer=dp, sampler=sampler)
-        saved = extra.get("config", {})
-        differ = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-        if differ:
-            raise PsgradError(f"psgrad train --resume: the checkpoint was made with other settings "
-                              f"(saved, now): {differ}; repeat the original options")
-        run.records, run.seconds = list(extra["records"]), float(extra["seconds"])
-        start_epoch = int(extra["epoch"]) + 1
-        for r in run.records:
-            report.print(f"{'(resumed)':>11}  " + _epoch_line(r, args.epochs))
-
-    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
-        record = dp.train_step(xb, yb, physical_batch_size=args.physical_batch_size)
-        return record.clipped, record.examples
-
-    def after_epoch(epoch: int) -> None:
-        if args.checkpoint:
-            save_checkpoint(args.checkpoint, model=model, optimizer=dp, sampler=sampler,
-                            extra={"epoch": epoch, "config": config, "records": run.records, "seconds": run.seconds})
-
-    return _epochs("psgrad", args, model, loader, step, lambda: dp.epsilon(args.delta), data, report, run,
-                   start_epoch, after_epoch)
-
-
-def run_nonprivate(args: argparse.Namespace, data: Digits, q: float, report: _Reporter) -> Run:
-    model, opt = _model(args)
-    loader = _loader(args, data, q)
-    expected = q * len(data.y_train)
-
-    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
-        opt.zero_grad(set_to_none=False)
-        if len(yb):  # the same scaling as DP-SGD: sum over the batch / expected batch size
-            (nn.functional.cross_entropy(model(xb), yb, reduction="sum") / expected).backward()
-        opt.step()
-        return None, len(yb)
-
-    return _epochs("non-private", args, model, loader, step, lambda: math.inf, data, report, Run("non-private"))
-
-
-def run_opacus(args: argparse.Namespace, data: Digits, q: float, sigma: float, report: _Reporter) -> Run:
-    """The same model, batches, bound, noise multiplier and accountant, with Opacus doing the DP step."""
-    import warnings
-
-    try:
-        from opacus import PrivacyEngine
-    except ImportError as exc:
-        raise MissingDependencyError("psgrad train --peer opacus needs Opacus; install it with: "
-                                     "pip install 'psgrad[peers]'") from exc
-    from .accounting import Accountant
-
-    model, opt = _model(args)
-    loader = _loader(args, data, q)
-    generator = None if args.secure_noise else torch.Generator().manual_seed(args.seed + 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus's advice on secure mode, printed on every construction
-        engine = PrivacyEngine(secure_mode=args.secure_noise)
-        wrapped, dp_opt, loader = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma, max_grad_norm=args.max_norm,
-            poisson_sampling=False,  # the loader already samples (our PoissonSampler, same seed as psgrad's run)
-            noise_generator=generator,
-        )
-    # make_private assumes sample rate 1 / len(loader) and truncates the expected batch size to an int; the
-    # loader's real rate is q, so average by q * N exactly as psgrad does and account q with the same accountant.
-    dp_opt.expected_batch_size = q * len(data.y_train)
-    accountant = Accountant(args.accountant)
-
-    def step(xb: Tensor, yb: Tensor) -> tuple[int | None, int]:
-        dp_opt.zero_grad()
-        with warnings.catch_warnings():  # Opacus's full backward hooks on the first layer, whose input needs no grad
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            nn.functional.cross_entropy(wrapped(xb), yb).backward()
-        dp_opt.step()
-        accountant.step(q, sigma)
-        return None, len(yb)
-
-    return _epochs("opacus", args, model, loader, step, lambda: accountant.epsilon(args.delta), data, report,
-                   Run("opacus"))
 
 
 def _plot(path: str, runs: list[Run], title: str) -> None:
@@ -368,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    report = _Reporter()
+    report = Reporter()
     try:
         _check(args)
         torch.set_num_threads(args.threads)

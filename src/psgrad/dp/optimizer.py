@@ -27,12 +27,13 @@ from torch import Tensor, nn
 import psgrad
 
 from ..api import parameter_groups
+from ..batch import Batch
+from ..clipping import ClipSpec
 from ..errors import PsgradError
 from .accounting import Accountant, check_method, check_noise_multiplier
 from .noise import NoiseSource, SecureNoise, SeededNoise
 from .sampling import check_sample_rate
 
-CLIPPING = ("flat", "per_layer", "automatic")
 log = logging.getLogger(__name__)
 
 
@@ -136,16 +137,13 @@ class DPSGD:
             raise PsgradError(f"{where}: dataset_size must be a positive int (N), got {dataset_size!r}")
         self.dataset_size = dataset_size
         self.expected_batch_size = self.sample_rate * dataset_size
-        if clipping not in CLIPPING:
-            raise PsgradError(f"{where}: unknown clipping {clipping!r}; valid: {', '.join(CLIPPING)}")
         self.clipping, self.gamma, self.engine = clipping, gamma, engine
-        if clipping == "automatic" and not (isinstance(gamma, (int, float)) and gamma > 0):
-            raise PsgradError(f"{where}: gamma must be positive for automatic clipping, got {gamma!r}")
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise PsgradError(f"{where}: the model has no trainable parameters")
-        self.max_norm = _check_max_norm(max_norm, clipping, self.params, model, where)
-        self.bound = _overall_bound(self.max_norm)
+        spec = ClipSpec.make(clipping, max_norm, gamma, parameter_groups(model, self.params), where)
+        self.max_norm = dict(max_norm) if isinstance(max_norm, Mapping) else float(max_norm)
+        self.bound = spec.bound
         self.noise_std = self.noise_multiplier * self.bound
         _check_optimizer(optimizer, self.params, where)
         if noise is not None and (seed is not None or secure):
@@ -175,7 +173,7 @@ class DPSGD:
         Returns:
             int: the number of examples of this physical batch that were clipped.
         """
-        size = _batch_size(inputs)
+        size = Batch.make(inputs, targets, "DPSGD.accumulate", allow_empty=True).size
         self._physical += 1
         if size == 0:
             return 0
@@ -241,15 +239,15 @@ class DPSGD:
         Returns:
             StepRecord: as from :meth:`step`.
         """
-        size = _batch_size(inputs)
-        if physical_batch_size is None or size <= physical_batch_size:
+        batch = Batch.make(inputs, targets, "DPSGD.train_step", allow_empty=True)
+        if physical_batch_size is None or batch.size <= physical_batch_size:
             self.accumulate(inputs, targets)
         else:
             if isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size <= 0:
                 raise PsgradError(f"DPSGD.train_step: physical_batch_size must be a positive int, got {physical_batch_size!r}")
-            for start in range(0, size, physical_batch_size):
-                part = slice(start, start + physical_batch_size)
-                self.accumulate(_take(inputs, part), None if targets is None else targets[part])
+            for start in range(0, batch.size, physical_batch_size):
+                part = batch.select(slice(start, start + physical_batch_size))
+                self.accumulate(part.inputs, part.targets)
         return self.step()
 
     # -- privacy and state -----------------------------------------------------------------------------
@@ -283,36 +281,6 @@ class DPSGD:
 
 
 # ---------------------------------------------------------------------------------------------------
-def _check_max_norm(max_norm: Any, clipping: str, params: Mapping[str, Tensor], model: nn.Module, where: str):
-    def positive(value: Any) -> bool:
-        return (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-                and value > 0)
-
-    if isinstance(max_norm, Mapping):
-        if clipping != "per_layer":
-            raise PsgradError(f"{where}: a dict of bounds needs clipping='per_layer'")
-        groups = sorted(set(parameter_groups(model, params).values()))
-        missing = [g for g in groups if g not in max_norm]
-        unknown = [g for g in max_norm if g not in groups]
-        if missing or unknown:
-            raise PsgradError(f"{where}: per_layer bounds must name every group exactly; missing {missing}, "
-                              f"unknown {unknown}; the groups are {groups}")
-        bad = {g: v for g, v in max_norm.items() if not positive(v)}
-        if bad:
-            raise PsgradError(f"{where}: max_norm bounds must be positive finite numbers, got {bad}")
-        return {g: float(v) for g, v in max_norm.items()}
-    if not positive(max_norm):
-        raise PsgradError(f"{where}: max_norm must be a positive finite number (the clipping bound C), got {max_norm!r}")
-    return float(max_norm)
-
-
-def _overall_bound(max_norm: float | Mapping[str, float]) -> float:
-    """The bound on the norm of a whole clipped gradient: C, or sqrt(sum C_k^2) for per-layer bounds."""
-    if isinstance(max_norm, Mapping):
-        return math.sqrt(sum(v * v for v in max_norm.values()))
-    return float(max_norm)
-
-
 def _check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], where: str) -> None:
     mine = {id(p) for p in params.values()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
@@ -324,26 +292,3 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tens
     if missing:
         raise PsgradError(f"{where}: trainable parameters {missing} are not in the optimizer; they would get no "
                           "update, or set requires_grad=False on them")
-
-
-def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return int(inputs.shape[0]) if inputs.dim() else 0
-    if isinstance(inputs, Mapping):
-        values = list(inputs.values())
-    elif isinstance(inputs, (tuple, list)):
-        values = list(inputs)
-    else:
-        raise PsgradError(f"DPSGD: inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
-    for v in values:
-        if isinstance(v, Tensor) and v.dim():
-            return int(v.shape[0])
-    raise PsgradError("DPSGD: inputs hold no tensor with a batch dimension")
-
-
-def _take(inputs: Any, part: slice) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs[part]
-    if isinstance(inputs, Mapping):
-        return {k: _take(v, part) if isinstance(v, Tensor) else v for k, v in inputs.items()}
-    return tuple(_take(v, part) if isinstance(v, Tensor) else v for v in inputs)

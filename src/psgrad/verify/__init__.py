@@ -43,9 +43,10 @@ TF32 was on, and ``psgrad bench`` turns it off unless asked (``--tf32``).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,8 +55,8 @@ from torch import Tensor, nn
 
 from ..api import clipped_grad_sum, per_sample_grads, per_sample_norms
 from ..api import engines as available_engines
-from ..clipping import flat_factors
-from ..rules.base import sq_norms
+from ..batch import Batch, LossFn
+from .oracle import clip_factor, squared_norms, total_norms
 
 FLOOR_FRACTION = 1e-3
 MAX_DEPARTED_FRACTION = 1 / 16
@@ -148,11 +149,10 @@ def departed(low: Mapping[str, Tensor], truth: Mapping[str, Tensor], dtype: torc
     """Per example ``[B]``: whether its gradient in the model's dtype (``low``, e.g. the float32 loop) is more than
     the tolerance from its float64 gradient (``truth``), relative to the norm of that gradient over all
     parameters (NOTE [float32 departures])."""
-    diff = torch.stack([sq_norms(low[n].double() - t.double()) for n, t in truth.items()])
-    size = torch.stack([sq_norms(t.double()) for t in truth.values()])
-    norm = size.sum(0).sqrt()
+    diff = total_norms(low[n].double() - t.double() for n, t in truth.items())
+    norm = total_norms(truth.values())
     floor = FLOOR_FRACTION * float(norm.max()) if norm.numel() else 0.0
-    return diff.sum(0).sqrt() > tolerance(dtype) * norm.clamp(min=floor or torch.finfo(torch.float64).tiny)
+    return diff > tolerance(dtype) * norm.clamp(min=floor or torch.finfo(torch.float64).tiny)
 
 
 def departure_note(indices: Sequence[int], size: int, stood_in: bool) -> str:
@@ -168,7 +168,7 @@ def departure_note(indices: Sequence[int], size: int, stood_in: bool) -> str:
 
 def verify(
     model: nn.Module,
-    loss_fn: Callable[[Any, Tensor | None], Tensor],
+    loss_fn: LossFn,
     inputs: Any,
     targets: Tensor | None = None,
     *,
@@ -215,12 +215,11 @@ def verify(
             if stand_in:
                 truth = {n: torch.where(away.view(-1, *[1] * (t.dim() - 1)).to(t.device), low[n].to(t.dtype), t)
                          for n, t in truth.items()}
-    sq = {n: sq_norms(g.double()) for n, g in truth.items()}
-    true_norms = torch.stack(list(sq.values())).sum(0).sqrt()
+    true_norms = total_norms(truth.values())
     bound = 0.5 * true_norms.median().item()
     if bound <= 0:
         bound = 1.0
-    c = flat_factors(true_norms, bound)
+    c = clip_factor(true_norms, bound)
     clipped_scale = {n: (c * g.double().reshape(len(g), -1).norm(dim=1)).sum().item() for n, g in truth.items()}
     scales = {"grads": None, "norms": None, "clipped": clipped_scale}
     expected = {
@@ -264,3 +263,53 @@ def _precision_notes(model: nn.Module, dtype: torch.dtype) -> list[str]:
     return [f"TF32 is on ({', '.join(enabled)}): convolutions or matrix products round float32 inputs to 10 "
             "mantissa bits, so float32 engines can differ from the truth well beyond the float32 tolerance; "
             "set these flags to False to check exactness (NOTE [TF32] in psgrad.verify)"]
+
+
+def clipped_truth(
+    model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Tensor | None, max_norm: float
+) -> tuple[dict[str, Tensor], dict[str, float], str]:
+    """The truth of a whole-batch flat clipped sum ``sum_i c_i g_i``, in float64, one example at a time (memory:
+    one gradient, not B of them); each parameter's error scale ``sum_i c_i ||g_i||`` (NOTE [tolerances]); and a
+    note. Each example also runs in the model's own dtype: where that gradient departs from the float64 one, it
+    stands in for the truth (NOTE [float32 departures]), unless too many examples depart."""
+    batch = Batch.make(inputs, targets, "clipped_truth")
+    dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+    copies = {torch.float64: (copy.deepcopy(model).double(), batch.to(dtype=torch.float64))}
+    if dtype != torch.float64:
+        copies[dtype] = (copy.deepcopy(model), batch)
+    named = {d: {n: p for n, p in m.named_parameters() if p.requires_grad} for d, (m, _) in copies.items()}
+    sums = {n: torch.zeros_like(p) for n, p in named[torch.float64].items()}
+    scale = dict.fromkeys(sums, 0.0)
+    # what the stand-ins change: their clipped gradient in, the float64 one out (made at the first departure)
+    change: dict[str, Tensor] = {}
+    change_scale = dict.fromkeys(sums, 0.0)
+
+    def add(into: dict[str, Tensor], into_scale: dict[str, float], grads: dict[str, Tensor], sign: float) -> None:
+        c = clip_factor(total_norms(g[None] for g in grads.values()), max_norm).item()
+        for n, g in grads.items():
+            into[n].add_(g, alpha=sign * c)
+            into_scale[n] += sign * c * float(squared_norms(g[None]).sqrt())
+
+    away = []
+    for i in range(batch.size):
+        grads = {}
+        for d, (m, b) in copies.items():
+            example = b.select(slice(i, i + 1))
+            loss = loss_fn(example.call(m), example.targets).sum()
+            got = torch.autograd.grad(loss, list(named[d].values()), allow_unused=True)
+            grads[d] = {n: (torch.zeros_like(p) if g is None else g).double() for (n, p), g in zip(named[d].items(), got)}
+        exact = grads[torch.float64]
+        add(sums, scale, exact, 1.0)
+        low = grads.get(dtype, exact)
+        if dtype != torch.float64 and bool(departed({n: g[None] for n, g in low.items()},
+                                                    {n: g[None] for n, g in exact.items()}, dtype)[0]):
+            away.append(i)
+            change = change or {n: torch.zeros_like(g) for n, g in sums.items()}
+            add(change, change_scale, low, 1.0)
+            add(change, change_scale, exact, -1.0)
+    stand_in = bool(away) and len(away) <= MAX_DEPARTED_FRACTION * batch.size
+    if stand_in:
+        for n in sums:
+            sums[n].add_(change[n])
+            scale[n] += change_scale[n]
+    return sums, scale, departure_note(away, batch.size, stand_in) if away else ""
