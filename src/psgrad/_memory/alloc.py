@@ -20,7 +20,7 @@ NOTE [scratch for temporaries]
 The norms of the hooks engine make a few temporaries per layer (Gram matrices, a chunk of patches) of a few
 MB each, dropped before the next layer. glibc hands freed memory at the top of its heap back to the system
 once more than a threshold is free there, and the next allocation is faulted in again, page by page: on
-ResNet18-GN at batch 128 that was about a fifth of the page faults of a clipped sum. So such temporaries are
+ResNet18-GN those were a large share of the page faults of a clipped sum (benchmarks/README.md). So such temporaries are
 taken from a few named CPU blocks, one per kind of temporary and thread, kept across calls (grown to the
 largest request; :func:`psgrad.empty_cache` frees them). A block is handed out only while no tensor refers to
 it, so a temporary never aliases another that is still alive; otherwise a fresh tensor is made.

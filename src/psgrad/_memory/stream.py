@@ -6,9 +6,8 @@ convolution with a 1x1 or 2x2 output, such as ResNet18's layer3 and layer4 on 32
 gradient ``b_i^T a_i`` costs at most a few multiply-adds per element written, so the time is memory
 traffic. An ordinary store first reads the destination's cache line (read for ownership), so writing N
 bytes moves about 2N; a non-temporal ("streaming") store writes the line without reading it. No PyTorch
-operation offers that, so a small C extension (``_cstream.c``) does it. On ResNet18-GN at batch 128
-(2-core Xeon), layer4's three 512x512 convolutions (3.6 GB) took 206 ms with the batched GEMM and 122 ms
-this way.
+operation offers that, so a small C extension (``_cstream.c``) does it (the gain on ResNet18-GN's layer4 is in
+benchmarks/README.md).
 
 The values are those of the GEMM for T = 1, bit for bit (one IEEE multiply each), and within float32
 rounding of it otherwise (the sum over T in order). Results under ``_MIN_BYTES`` keep the GEMM: they fit in

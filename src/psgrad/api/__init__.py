@@ -269,8 +269,8 @@ def _check_buffer(buf: Tensor, p: Tensor, where: str, label: str) -> None:
 def _gc_paused() -> Iterator[None]:
     """NOTE [no garbage collection during a call]: one call creates thousands of small Python objects (the model
     guard's records, calls, closures, hook handles), enough to trigger collections, now and then a full one that
-    walks every object of the process: on ResNet18 at batch 128 about one clipped sum in six met one, ~150 ms
-    (16 ms per call on average, against 230 ms calls). Reference counting frees everything a call makes, so with
+    walks every object of the process and costs a large part of a call (benchmarks/README.md, "Measurements behind
+    choices in the code"). Reference counting frees everything a call makes, so with
     the collector paused for the call (and restored as it was) those objects never count towards a collection."""
     enabled = gc.isenabled()
     gc.disable()

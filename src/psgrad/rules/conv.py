@@ -89,7 +89,7 @@ def _patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], rows: bool = Fa
 
     Built for any number of spatial dimensions from strided views (``Tensor.unfold`` per dimension) and one
     copy. For 2-D this equals ``F.unfold`` element for element; it is used there too because on CPU it
-    was as fast or faster than ``F.unfold`` in our measurements, and far steadier on a busy machine.
+    was as fast or faster than ``F.unfold`` (benchmarks/README.md), and steadier on a busy machine.
     """
     n = len(module.kernel_size)
     if any(pad):
@@ -241,8 +241,8 @@ class ConvRule(Rule):
             x, pad = _padded_input(module, call.arg(0))
             b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
             if g == 1 and b.shape[2] <= _stream.MAX_INNER:
-                # few positions: the patches made as [B, T, d] rows, which the GEMM reads as fast (faster at
-                # T <= 4) and the streaming writer reads without another copy
+                # few positions: the patches made as [B, T, d] rows, which the GEMM reads as fast and the
+                # streaming writer reads without another copy
                 a = _patches(module, x, pad, rows=True)
             else:
                 a = _group_patches(module, x, pad)

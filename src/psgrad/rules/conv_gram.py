@@ -19,8 +19,7 @@ from .._memory import alloc as _alloc
 from .base import ghost_is_cheaper, ghost_sq_norms
 
 #: the position Gram is used while P^2 <= this x K T^2 (P unpadded): up to there it may do more multiply-adds
-#: than the patch Gram but skips the strided copy of the patches, which costs more (ResNet18's 3x3 layers at
-#: batch 128, 2-core CPU: 2.6 against 4.6 ms at P^2 = 0.11 K T^2, 1.8 against 1.8 ms at 1.8 K T^2)
+#: than the patch Gram but skips the strided copy of the patches, which costs more (measured: benchmarks/README.md)
 _POSITION_GRAM_MAX = 4
 
 

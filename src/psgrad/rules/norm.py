@@ -166,7 +166,7 @@ class GroupNormRule(_ChannelAffineRule):
     def channel_grads(self, module: nn.GroupNorm, call: Call, names: Collection[str]) -> dict[str, Tensor]:
         x_hat = None
         if "weight" in names:
-            # (not into a kept block: native_group_norm's out= variant took twice as long on CPU, torch 2.14)
+            # (not into a kept block: native_group_norm's out= variant is slower on CPU; benchmarks/README.md)
             x_hat = F.group_norm(call.arg(0), module.num_groups, None, None, module.eps)
         return _channel_grads(call.grad(0), x_hat, names)
 
@@ -211,8 +211,27 @@ class InstanceNormRule(_ChannelAffineRule):
         return _channel_grads(call.grad(0), x_hat, names)
 
 
+class _TrailingAffineRule(Rule):
+    """An elementwise affine over the last ``ndims`` dimensions after a normalization of the same dimensions:
+    ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``; subclasses give ``ndims`` and ``x_hat``."""
+
+    def ndims(self, module: nn.Module) -> int:
+        raise NotImplementedError
+
+    def x_hat(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The normalized input, recomputed from the captured input ``x`` (batch first) as the forward does."""
+        raise NotImplementedError
+
+    def check_call(self, module: nn.Module, call: Call | None) -> str | None:
+        return _trailing_ok(call, self.ndims(module))
+
+    def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
+        x_hat = self.x_hat(module, call.arg(0)) if "weight" in dest else None
+        _write_affine_grads(call.grad(0), x_hat, self.ndims(module), dest, accumulate)
+
+
 @DEFAULT.register(nn.LayerNorm)
-class LayerNormRule(Rule):
+class LayerNormRule(_TrailingAffineRule):
     """``y = x_hat * weight + bias`` with ``x_hat`` normalized over the last ``len(normalized_shape)``
     dimensions (biased variance, ``module.eps``).
 
@@ -220,31 +239,23 @@ class LayerNormRule(Rule):
     ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``.
     """
 
-    def check_call(self, module: nn.LayerNorm, call: Call | None) -> str | None:
-        return _trailing_ok(call, len(module.normalized_shape))
+    def ndims(self, module: nn.LayerNorm) -> int:
+        return len(module.normalized_shape)
 
-    def grad_sample(self, module: nn.LayerNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-        b = call.grad(0)
-        x_hat = None
-        if "weight" in dest:
-            x_hat = F.layer_norm(call.arg(0), module.normalized_shape, None, None, module.eps)
-        _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)
+    def x_hat(self, module: nn.LayerNorm, x: Tensor) -> Tensor:
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
 
 
 @DEFAULT.register(nn.RMSNorm)
-class RMSNormRule(Rule):
+class RMSNormRule(_TrailingAffineRule):
     """``y = x_hat * weight`` with ``x_hat = x / sqrt(mean(x^2) + eps)`` over the last
     ``len(normalized_shape)`` dimensions (``eps=None`` means ``finfo(x.dtype).eps``, as in the forward).
 
     ``x, b: [B, *R, *N] -> weight: [B, *N]``; ``weight_i = sum_r b_i[r] * x_hat_i[r]``.
     """
 
-    def check_call(self, module: nn.RMSNorm, call: Call | None) -> str | None:
-        return _trailing_ok(call, len(module.normalized_shape))
+    def ndims(self, module: nn.RMSNorm) -> int:
+        return len(module.normalized_shape)
 
-    def grad_sample(self, module: nn.RMSNorm, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-        b = call.grad(0)
-        x_hat = None
-        if "weight" in dest:
-            x_hat = F.rms_norm(call.arg(0), list(module.normalized_shape), None, module.eps)
-        _write_affine_grads(b, x_hat, len(module.normalized_shape), dest, accumulate)
+    def x_hat(self, module: nn.RMSNorm, x: Tensor) -> Tensor:
+        return F.rms_norm(x, list(module.normalized_shape), None, module.eps)
