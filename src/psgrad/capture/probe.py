@@ -152,20 +152,29 @@ def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook:
 
 @contextlib.contextmanager
 def _hooked(units: Sequence[Unit], hook: Hook) -> Iterator[None]:
+    """``hook`` on every call of every unit, with the call's inputs as they were *before* the module's own
+    pre-hooks (NOTE [inputs before the module's own hooks] in :mod:`psgrad.capture.record`)."""
     counts = [0] * len(units)
+    inputs: list[list[tuple[tuple, dict]]] = [[] for _ in units]
     handles = []
 
-    def make(u: int) -> Callable[..., Any]:
+    def make(u: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[u].append((args, kwargs))
+
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             index = counts[u]
             counts[u] += 1
-            return hook(u, index, args, kwargs, output)
+            raw_args, raw_kwargs = inputs[u].pop()
+            return hook(u, index, raw_args, raw_kwargs, output)
 
-        return forward_hook
+        return pre_hook, forward_hook
 
     try:
         for u, unit in enumerate(units):
-            handles.append(unit.module.register_forward_hook(make(u), with_kwargs=True))
+            pre_hook, forward_hook = make(u)
+            handles.append(unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+            handles.append(unit.module.register_forward_hook(forward_hook, with_kwargs=True))
         yield
     finally:
         for h in handles:

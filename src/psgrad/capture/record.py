@@ -1,6 +1,13 @@
 """Recording: the real forward builds one :class:`~psgrad.rules.call.Call` per call of each unit, and the backward
 delivers each call's output gradients.
 
+NOTE [inputs before the module's own hooks]
+A call's inputs are taken by a forward pre-hook that runs before the module's own pre-hooks, and its output by
+a forward hook that runs after the module's own forward hooks: the captured call is then the whole call, hooks
+included, which is what the generic rule re-runs (``functional_call`` calls the module with its hooks). A rule
+for a layer's formula sees the same inputs as the layer's forward, since the registry gives no rule to a module
+with hooks of its own.
+
 NOTE [why capture output gradients with tensor hooks]
 Full backward hooks on modules break when an in-place op follows the module (stock torchvision ResNets
 do ``out += identity`` and ``relu_``). A hook registered on the output tensor *before* such an in-place
@@ -52,7 +59,7 @@ class Recorder:
         self.layout = layout
         self.batch_size = batch_size
         self._records: list[list[_Pending]] = [[] for _ in self.units]
-        self._open: list[list[int]] = [[] for _ in self.units]
+        self._open: list[list[tuple[int, tuple, dict]]] = [[] for _ in self.units]
         self._edges: list[Any] = []
         self._on_ready: OnReady | None = None
         self._error: Exception | None = None
@@ -106,7 +113,8 @@ class Recorder:
         handles = []
         try:
             for u, unit in enumerate(self.units):
-                handles.append(unit.module.register_forward_pre_hook(self._pre_hook(u)))
+                # NOTE [inputs before the module's own hooks]
+                handles.append(unit.module.register_forward_pre_hook(self._pre_hook(u), with_kwargs=True, prepend=True))
                 handles.append(unit.module.register_forward_hook(self._hook(u), with_kwargs=True))
             yield
         finally:
@@ -114,8 +122,8 @@ class Recorder:
                 h.remove()
 
     def _pre_hook(self, u: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            self._open[u].append(self._seq())
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._open[u].append((self._seq(), args, kwargs))
 
         return hook
 
@@ -125,13 +133,13 @@ class Recorder:
 
     def _hook(self, u: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return self._record(u, args, kwargs, output)
+            start, raw_args, raw_kwargs = self._open[u].pop()
+            return self._record(u, start, raw_args, raw_kwargs, output)
 
         return hook
 
-    def _record(self, u: int, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any) -> Any:
         unit = self.units[u]
-        start = self._open[u].pop()
         index = len(unit.calls)
         probed = self.layout.of_call(u, index)
         if probed is None:

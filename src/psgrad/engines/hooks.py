@@ -11,7 +11,8 @@ gradients are never allocated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from .._memory import alloc as _alloc
 from ..batch import Batch, LossFn, check_losses
 from ..capture import Capture, Unit
 from ..clipping import ClipSpec
-from ..errors import PsgradError
+from ..errors import PsgradError, UnsupportedModelError
 from ..rules import DEFAULT, FALLBACK, Registry
 from ..rules.base import SMALL_PER_SAMPLE, Rule, materialize, sq_norms, weighted_sum, weighted_sums
 from ..rules.call import Call
@@ -41,10 +42,18 @@ class Planned:
 
 
 def plan(model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registry) -> list[Planned]:
-    """One unit per module that owns wanted parameters, with the rule the registry resolves for it."""
+    """One unit per module that owns wanted parameters, with the rule the registry resolves for it.
+
+    NOTE [one owner per use]: a parameter registered on several modules is differentiated by each module that
+    uses it in its own forward, and only there. Where one registering module contains another (a parent that
+    keeps a second name for a child's weight, as Opacus's DPRNN does), the parent's forward reaches the parameter
+    through the child, so only the deepest registration owns it; a parent that used it directly as well would be
+    refused by the check of parameter uses, never counted twice. Two local names of one parameter on one module
+    are one parameter too.
+    """
     wanted = {id(p): name for name, p in params.items()}
     claimed: set[int] = set()
-    planned = []
+    candidates: list[tuple[str, nn.Module, Rule, dict[str, str], str | None]] = []
     for mname, module in model.named_modules():
         if id(module) in claimed:
             continue
@@ -52,16 +61,33 @@ def plan(model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registr
         registered = registry.lookup(type(module))
         if registered is not None and registered.claims_children:
             claimed.update(id(m) for m in module.modules())
-            owned = module.named_parameters()
+            owned = module.named_parameters(remove_duplicate=False)
         else:
             owned = ((n, p) for n, p in module._parameters.items() if p is not None)
-        names = {local: wanted[id(p)] for local, p in owned if id(p) in wanted}
+        names: dict[str, str] = {}
+        for local, p in owned:
+            if id(p) in wanted and wanted[id(p)] not in names.values():
+                names[local] = wanted[id(p)]
         if names:
-            label = f"{mname or type(model).__name__} ({type(module).__name__})"
-            unit = Unit(module, label, {glob: module.get_parameter(loc) for loc, glob in names.items()})
             rule = found.rule if found.rule is not None else FALLBACK
-            planned.append(Planned(unit, rule, names, found.reason))
+            candidates.append((mname, module, rule, names, found.reason))
+    owners: dict[str, list[str]] = {}
+    for mname, _, _, names, _ in candidates:
+        for name in names.values():
+            owners.setdefault(name, []).append(mname)
+    planned = []
+    for mname, module, rule, names, reason in candidates:
+        keep = {loc: name for loc, name in names.items() if not any(_inside(other, mname) for other in owners[name])}
+        if keep:
+            label = f"{mname or type(model).__name__} ({type(module).__name__})"
+            unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()})
+            planned.append(Planned(unit, rule, keep, reason))
     return planned
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    """Whether the module at ``path`` lies strictly inside the module at ``ancestor`` (paths of named_modules)."""
+    return path != ancestor and (ancestor == "" or path.startswith(ancestor + "."))
 
 
 def _fresh(params: Mapping[str, nn.Parameter], size: int) -> dict[str, Tensor]:
@@ -76,9 +102,27 @@ def _fresh(params: Mapping[str, nn.Parameter], size: int) -> dict[str, Tensor]:
 
 def _rule_for(item: Planned, call: Call) -> Rule:
     """The unit's rule, unless it declines this call (then the generic rule)."""
-    if item.rule is not FALLBACK and item.rule.check(item.unit.module, call) is not None:
-        return FALLBACK
+    if item.rule is not FALLBACK:
+        with _refusing(item, item.rule):
+            declined = item.rule.check(item.unit.module, call)
+        if declined is not None:
+            return FALLBACK
     return item.rule
+
+
+@contextlib.contextmanager
+def _refusing(item: Planned, rule: Rule) -> Iterator[None]:
+    """Any error inside a rule becomes a refusal naming the module, its class and the rule, so that nothing
+    half-computed is returned and ``auto`` can fall back."""
+    try:
+        yield
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{item.unit.label}, {rule.name}: {exc}") from exc
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{item.unit.label}: {rule.name} failed on this module ({type(exc).__name__}: {exc}); its per-sample "
+            "gradients cannot be computed by this engine"
+        ) from exc
 
 
 @dataclass(eq=False)
@@ -142,7 +186,8 @@ class HooksEngine(Engine):
                 again = {local: out[name] for local, name in item.names.items() if name in written}
                 for dest, accumulate in ((fresh, False), (again, True)):
                     if dest:
-                        rule.grad_sample(unit.module, call, dest, accumulate)
+                        with _refusing(item, rule):
+                            rule.grad_sample(unit.module, call, dest, accumulate)
                 written.update(item.names.values())
             call.release()
 
@@ -180,14 +225,17 @@ class HooksEngine(Engine):
                 single = {loc: name for loc, name in item.names.items() if owners[name] == 1 and len(by_rule) == 1}
                 multi = {loc: name for loc, name in item.names.items() if loc not in single}
                 if single:
-                    norms, cache = rule.norm_sample(item.unit.module, calls, list(single))
+                    with _refusing(item, rule):
+                        norms, cache = rule.norm_sample(item.unit.module, calls, list(single))
                     for loc, value in norms.items():
                         result.sq[single[loc]] = value
                     if keep:
                         result.kept.append(_Kept(item, rule, calls, single, cache))
                         kept = True
                 if multi:
-                    for loc, g in materialize(rule, item.unit.module, calls, list(multi)).items():
+                    with _refusing(item, rule):
+                        materialized = materialize(rule, item.unit.module, calls, list(multi))
+                    for loc, g in materialized.items():
                         name = multi[loc]
                         result.shared[name] = result.shared[name] + g if name in result.shared else g
             if not kept:  # (a unit whose calls all missed the loss has no rule to run, nothing kept)
@@ -243,7 +291,9 @@ class HooksEngine(Engine):
                 by_factor.setdefault(id(factors[name]), []).append(loc)
             for locs in by_factor.values():
                 c = factors[kept.names[locs[0]]]
-                for loc, value in kept.rule.clipped_sum(kept.item.unit.module, kept.calls, locs, c, kept.cache).items():
+                with _refusing(kept.item, kept.rule):
+                    sums = kept.rule.clipped_sum(kept.item.unit.module, kept.calls, locs, c, kept.cache)
+                for loc, value in sums.items():
                     add(kept.names[loc], value)
             for call in kept.calls:
                 call.release()

@@ -163,8 +163,19 @@ class MultiheadAttentionRule(LinearFormRule):
     """
 
     reproduces = (nn.MultiheadAttention,)
-    computation = ("forward",)
+    parameters = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                            "bias_k", "bias_v"})
     claims_children = True
+
+    def applicability(self, module: nn.Module) -> str | None:
+        reason = super().applicability(module)
+        if reason is not None:
+            return reason
+        extra = sorted(n for n, _ in module.named_parameters() if "." in n and n not in ("out_proj.weight", "out_proj.bias"))
+        if extra:
+            return f"{type(module).__name__} has child parameters {extra} besides out_proj's"
+        # out_proj's forward is never called: its weight is used by the layer's own forward
+        return None if isinstance(module.out_proj, nn.Linear) else "out_proj is not a Linear"
 
     def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         """Why this call is left to the generic rule, or None.

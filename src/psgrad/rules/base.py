@@ -10,12 +10,15 @@ keep it in a :class:`PerSample` cache; a rule that keeps them declares ``keeps_p
 which lets an engine sum several such modules' clipped sums at once; a rule with its own clipped sum declares
 ``keeps_per_sample = False``.
 
-Which modules a rule serves is declared, not coded per rule: ``reproduces`` names the classes whose
-computation the rule's formula is, ``computation`` their methods that the formula relies on (a subclass that
-overrides one computes something else), ``parameters`` the module's own parameters it knows.
-:meth:`Rule.applicability` applies the three, for the registry (:meth:`psgrad.rules.registry.Registry.resolve`)
-and for :meth:`Rule.check`; a rule adds what it must see of one call (its batch layout, its arguments) in
-:meth:`Rule.check_call`. Rules know nothing of engines or capture.
+Which modules a rule serves is declared, not coded per rule (DESIGN.md, "A rule applies only to what it was
+written for"): ``reproduces`` names the classes whose computation the rule's formula is, ``computation`` their
+methods that the formula relies on (``forward`` at least: a subclass that overrides one computes something
+else), ``parameters`` the module's own parameters it knows. :meth:`Rule.applicability` applies them, and also
+declines a module with parametrizations (its parameters are not the tensors the formula uses) or with forward
+hooks of its own (they may change what the module returns); the registry
+(:meth:`psgrad.rules.registry.Registry.resolve`) and :meth:`Rule.check` both use it. A rule adds what it must
+see of one call (its batch layout, its arguments) in :meth:`Rule.check_call`. Everything a rule declines goes to
+the generic rule, exact and per module. Rules know nothing of engines or capture.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .._memory import stream as _stream
 from .call import Call
@@ -39,10 +43,10 @@ class PerSample:
 
 
 class Rule:
-    #: the classes whose computation this rule's formula is (empty: any module it is registered for)
+    #: the classes whose computation this rule's formula is (empty: only the types it is registered for, as given)
     reproduces: ClassVar[tuple[type[nn.Module], ...]] = ()
     #: methods of those classes that the formula relies on; a subclass overriding one is not served
-    computation: ClassVar[tuple[str, ...]] = ()
+    computation: ClassVar[tuple[str, ...]] = ("forward",)
     #: the module's own parameters this rule knows (None: any); a module with others is not served
     parameters: ClassVar[frozenset[str] | None] = None
     #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
@@ -72,11 +76,14 @@ class Rule:
             for method in self.computation:
                 if getattr(cls, method, None) is not getattr(base, method, None):
                     return f"{method} is overridden"
-        if self.parameters is not None:
-            extra = sorted(n for n, p in module._parameters.items() if p is not None and n not in self.parameters)
-            if extra:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
-                return f"{cls.__name__} owns parameters {extra} besides {sorted(self.parameters)}"
-        return None
+        unknown = sorted(n for n, p in module._parameters.items() if p is not None and not self.knows(module, n))
+        if unknown:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
+            return f"{cls.__name__} owns parameters {unknown} that the rule does not know"
+        return foreign_computation(module)
+
+    def knows(self, module: nn.Module, name: str) -> bool:
+        """Whether ``name`` is one of the module's own parameters that the rule's formula covers."""
+        return self.parameters is None or name in self.parameters
 
     def check(self, module: nn.Module, call: Call | None) -> str | None:
         """None if this rule can handle ``call`` of ``module``, else why not (the generic rule then takes it):
@@ -103,6 +110,27 @@ class Rule:
         """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned.
         Default: the weighted sum of the cached per-sample gradients."""
         return {n: weighted_sum(c, cache.grads[n]) for n in names}
+
+
+def foreign_computation(module: nn.Module) -> str | None:
+    """Why ``module`` may compute more than its class says, or None: parametrizations (``parametrize``,
+    ``weight_norm``), forward or forward-pre hooks of its own (old-style ``weight_norm``/``spectral_norm``
+    recompute the weight in one; a user's hook may change the output), or global module hooks."""
+    if parametrize.is_parametrized(module):
+        return f"{type(module).__name__} has parametrizations ({', '.join(module.parametrizations)})"
+    own = [kind for kind, hooks in (("forward pre-hooks", module._forward_pre_hooks), ("forward hooks", module._forward_hooks))
+           if hooks]
+    if own:
+        return f"{type(module).__name__} has {' and '.join(own)} of its own"
+    if _global_hooks():
+        return "global module forward hooks are registered"
+    return None
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def sq_norms(g: Tensor) -> Tensor:

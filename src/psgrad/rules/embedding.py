@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
 from .base import Rule
 from .call import Call
 from .registry import DEFAULT
@@ -44,7 +45,14 @@ def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
     """One call as ``idx: [B, T]`` (int64) and output gradients ``b: [B, T, d]``, with the rows at
     ``padding_idx`` set to zero (so that the padding row receives nothing)."""
     bsz, d = call.batch_size, module.embedding_dim
-    idx = call.arg(0).reshape(bsz, -1).long()
+    idx = call.arg(0).reshape(bsz, -1)
+    if idx.is_floating_point() or idx.is_complex():
+        raise UnsupportedModelError(f"the indices are {idx.dtype}, not integers")
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= module.num_embeddings):
+        # the forward would have failed on these; a subclass looks up other rows than its input. Never let an
+        # index of one example reach another example's rows of the per-sample gradient
+        raise UnsupportedModelError(f"an index lies outside [0, {module.num_embeddings}), the rows of the weight")
     b = call.grad(0).reshape(bsz, -1, d)
     if module.padding_idx is not None:
         b = b.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
@@ -73,6 +81,8 @@ class EmbeddingRule(Rule):
     clipped_sum: ``sum_i c_i weight_i`` as one ``index_add_`` of the ``c``-scaled gradient rows into ``[V, d]``.
     """
 
+    reproduces = (nn.Embedding,)
+    parameters = frozenset({"weight"})
     keeps_per_sample = False
 
     def check_call(self, module: nn.Embedding, call: Call | None) -> str | None:

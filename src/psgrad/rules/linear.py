@@ -19,6 +19,9 @@ class LinearRule(LinearFormRule):
     ``weight: [B, p, d] = sum_t b[:, t]^T a[:, t]`` and ``bias: [B, p] = sum_t b[:, t]``.
     """
 
+    reproduces = (nn.Linear,)
+    parameters = frozenset({"weight", "bias"})
+
     def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         if call.arg_bdim(0) is None:
             return "input has no batch dimension"

@@ -80,6 +80,8 @@ class _ChannelAffineRule(Rule):
     """A layer with per-channel ``weight``/``bias`` (``[B, C]`` per example): norms from the per-sample values
     themselves, summed over calls, with no buffers to fill first; clipped sums by the default weighted sum."""
 
+    parameters = frozenset({"weight", "bias"})
+
     def channel_grads(self, module: nn.Module, call: Call, names: Collection[str]) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -160,6 +162,8 @@ class GroupNormRule(_ChannelAffineRule):
     :func:`_channel_sums`); no loop over channels or groups.
     """
 
+    reproduces = (nn.GroupNorm,)
+
     def check_call(self, module: nn.GroupNorm, call: Call | None) -> str | None:
         return _batch_first_only(call, 2)
 
@@ -183,6 +187,8 @@ class InstanceNormRule(_ChannelAffineRule):
     ``x, b: [B, C, *S] -> weight, bias: [B, C]``; ``weight_i[c] = sum_s b_i[c, s] x_hat_i[c, s]``,
     ``bias_i[c] = sum_s b_i[c, s]``. Unbatched inputs (``[C, *S]``) are left to the generic rule.
     """
+
+    reproduces = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
     def check_call(self, module: nn.modules.instancenorm._InstanceNorm, call: Call | None) -> str | None:
         expected = next((d for t, d in _INSTANCE_DIMS if isinstance(module, t)), None)
@@ -215,6 +221,8 @@ class _TrailingAffineRule(Rule):
     """An elementwise affine over the last ``ndims`` dimensions after a normalization of the same dimensions:
     ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``; subclasses give ``ndims`` and ``x_hat``."""
 
+    parameters = frozenset({"weight", "bias"})
+
     def ndims(self, module: nn.Module) -> int:
         raise NotImplementedError
 
@@ -239,6 +247,8 @@ class LayerNormRule(_TrailingAffineRule):
     ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``.
     """
 
+    reproduces = (nn.LayerNorm,)
+
     def ndims(self, module: nn.LayerNorm) -> int:
         return len(module.normalized_shape)
 
@@ -253,6 +263,8 @@ class RMSNormRule(_TrailingAffineRule):
 
     ``x, b: [B, *R, *N] -> weight: [B, *N]``; ``weight_i = sum_r b_i[r] * x_hat_i[r]``.
     """
+
+    reproduces = (nn.RMSNorm,)
 
     def ndims(self, module: nn.RMSNorm) -> int:
         return len(module.normalized_shape)

@@ -216,7 +216,9 @@ class RecurrentRule(LinearFormRule):
     LSTM proj_size, with or without an initial state, gradients from output, h_n and c_n alike."""
 
     reproduces = (nn.RNN, nn.LSTM, nn.GRU)
-    computation = ("forward",)
+
+    def knows(self, module: nn.Module, name: str) -> bool:
+        return name in getattr(module, "_flat_weights_names", ())
 
     def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
         return _forms(module, call)  # type: ignore[arg-type]
