@@ -202,7 +202,7 @@ def test_time_first_indices_are_exact():
 
 
 def test_the_plan_names_why_a_module_took_the_generic_rule():
-    from psgrad.engines.hooks import plan
+    from psgrad.engines.plan import plan
 
     model = Vision(NormAct(2, 4))
     planned = {p.unit.label: p for p in plan(model, dict(model.named_parameters()), DEFAULT)}

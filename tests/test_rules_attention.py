@@ -17,7 +17,7 @@ from torch import nn
 
 import psgrad
 from psgrad import UnsupportedModelError
-from psgrad.engines.hooks import plan
+from psgrad.engines.plan import plan
 from psgrad.rules import DEFAULT
 from psgrad.rules.attention import MultiheadAttentionRule
 

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import psgrad
 from psgrad import UnsupportedModelError
-from psgrad.engines.hooks import plan
+from psgrad.engines.plan import plan
 from psgrad.rules import DEFAULT
 from psgrad.rules.recurrent import RecurrentRule
 

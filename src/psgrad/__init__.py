@@ -7,14 +7,23 @@ from .api import (
     empty_cache,
     engine_status,
     engines,
+    explain,
     parameter_groups,
     per_sample_grads,
     per_sample_norms,
 )
-from .errors import MissingDependencyError, PsgradError, UnsupportedModelError
+from .errors import (
+    ConsistencyError,
+    FallbackWarning,
+    MissingDependencyError,
+    PsgradError,
+    UnsupportedModelError,
+)
 from .verify import verify
 
 __all__ = [
+    "ConsistencyError",
+    "FallbackWarning",
     "MissingDependencyError",
     "PsgradError",
     "UnsupportedModelError",
@@ -23,6 +32,7 @@ __all__ = [
     "empty_cache",
     "engine_status",
     "engines",
+    "explain",
     "parameter_groups",
     "per_sample_grads",
     "per_sample_norms",

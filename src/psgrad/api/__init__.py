@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -15,9 +12,11 @@ from .. import engines as _engines
 from .._memory import alloc as _alloc
 from ..batch import Batch, LossFn
 from ..clipping import ClipSpec
-from ..errors import PsgradError, UnsupportedModelError
+from ..errors import PsgradError
+from .buffers import destination
 from .checks import check_model
-from .guard import ModelGuard
+from .explain import Explanation, explain_call
+from .run import run_engine
 
 
 def empty_cache() -> None:
@@ -51,6 +50,7 @@ def per_sample_grads(
     out: Mapping[str, Tensor] | Tensor | None = None,
     flat: bool = False,
     return_losses: bool = False,
+    check: bool | None = None,
     **engine_options: Any,
 ) -> dict[str, Tensor] | Tensor | tuple[dict[str, Tensor] | Tensor, Tensor]:
     """Gradient of each example's own loss with respect to each trainable parameter.
@@ -74,6 +74,11 @@ def per_sample_grads(
             ``flat=True``.
         flat (bool): return one contiguous ``[B, P]`` tensor, parameters in ``named_parameters()`` order.
         return_losses (bool): also return the per-sample losses ``[B]``.
+        check (bool, optional): check that the per-sample gradients add up to the batch gradient autograd
+            computes from the same forward, per parameter, and raise :class:`~psgrad.ConsistencyError` naming
+            the parameters that do not (``||sum_i g_i - grad sum_i l_i|| <= tau sum_i ||g_i||``; NOTE [the
+            consistency check] in ``psgrad.engines.consistency``). Default None: ``auto`` checks the first call
+            for each model structure and falls back on a failure; other engines do not check.
         **engine_options: options of the chosen engine (e.g. ``chunk_size`` for vmap).
 
     Returns:
@@ -94,8 +99,8 @@ def per_sample_grads(
     """
     where = "per_sample_grads"
     batch, chosen = _prepare(model, inputs, targets, params, where)
-    dest = _destination(out, flat, chosen, batch.size, where)
-    grads, losses = _run(engine, "grads", where, model, loss_fn, batch, chosen, engine_options, out=dest)
+    dest = destination(out, flat, chosen, batch.size, where)
+    grads, losses = run_engine(engine, "grads", where, model, loss_fn, batch, chosen, engine_options, check, out=dest)
     result: dict[str, Tensor] | Tensor = grads
     if flat:
         result = dest.flat  # type: ignore[union-attr]
@@ -111,6 +116,7 @@ def per_sample_norms(
     engine: str = "auto",
     params: Iterable[str] | None = None,
     by_param: bool = False,
+    check: bool | None = None,
     **engine_options: Any,
 ) -> Tensor | dict[str, Tensor]:
     """L2 norm of each example's gradient over all trainable parameters, without materializing it.
@@ -119,7 +125,8 @@ def per_sample_norms(
     uses); its norm is the norm of that sum, cross terms included.
 
     Args:
-        model, loss_fn, inputs, targets, engine, params: as in :func:`per_sample_grads`.
+        model, loss_fn, inputs, targets, engine, params, check: as in :func:`per_sample_grads` (the check is
+            on the sums of the per-sample gradients the norms are computed from, not on the norms themselves).
         by_param (bool): return ``{name: Tensor[B]}``, each parameter's own per-sample norm.
 
     Returns:
@@ -131,7 +138,7 @@ def per_sample_norms(
     """
     where = "per_sample_norms"
     batch, chosen = _prepare(model, inputs, targets, params, where)
-    sq, _ = _run(engine, "norms", where, model, loss_fn, batch, chosen, engine_options)
+    sq, _ = run_engine(engine, "norms", where, model, loss_fn, batch, chosen, engine_options, check)
     if by_param:
         return {n: s.sqrt() for n, s in sq.items()}
     return torch.stack([s.double() for s in sq.values()]).sum(0).sqrt()
@@ -149,12 +156,14 @@ def clipped_grad_sum(
     clipping: str = "flat",
     gamma: float = 0.01,
     return_norms: bool = False,
+    check: bool | None = None,
     **engine_options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
     """Sum over the batch of each example's clipped gradient, ``sum_i c_i g_i``: what DP-SGD adds noise to.
 
     Args:
-        model, loss_fn, inputs, targets, engine, params: as in :func:`per_sample_grads`.
+        model, loss_fn, inputs, targets, engine, params, check: as in :func:`per_sample_grads` (the check is on
+            the unclipped sums ``sum_i g_i`` taken from the same per-layer caches as the clipped ones).
         max_norm (float | dict): the clipping bound C; with ``clipping="per_layer"`` also a dict
             ``{group: bound}``, groups being the names of the modules that own parameters.
         clipping (str): ``"flat"``: ``c_i = min(1, C / ||g_i||)`` (1 where the norm is 0);
@@ -176,8 +185,43 @@ def clipped_grad_sum(
     where = "clipped_grad_sum"
     batch, chosen = _prepare(model, inputs, targets, params, where)
     clip = ClipSpec.make(clipping, max_norm, gamma, parameter_groups(model, chosen), where)
-    sums, norms, _ = _run(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options, clip=clip)
+    sums, norms, _ = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options, check, clip=clip)
     return (sums, norms) if return_norms else sums
+
+
+def explain(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Tensor | None = None,
+    *,
+    params: Iterable[str] | None = None,
+    **engine_options: Any,
+) -> Explanation:
+    """Which path each module with parameters takes in the hooks engine, and why, from one call on this batch.
+
+    Args:
+        model, loss_fn, inputs, targets, params: as in :func:`per_sample_grads`.
+        **engine_options: options of the hooks engine (e.g. ``registry``).
+
+    Returns:
+        An :class:`~psgrad.api.explain.Explanation`, a list with one record per module with parameters:
+        ``path`` (its name in ``named_modules()``), ``type``, ``rule`` (the rule's name, ``"generic"``,
+        ``"refused"``, or which unit differentiates its parameters), ``reason`` (why not a fast rule, or why
+        refused), ``calls`` and ``generic_seconds`` (time in the generic rule for it, this call). It prints as a
+        table. The call also runs the consistency check; a module whose rule fails it is reported as refused.
+
+    Example::
+
+        >>> print(psgrad.explain(model, nn.CrossEntropyLoss(reduction="none"), x, y))
+    """
+    where = "explain"
+    batch, chosen = _prepare(model, inputs, targets, params, where)
+    unknown = sorted(set(engine_options) - _engines.ENGINES["hooks"].options)
+    if unknown:
+        raise TypeError(f"{where}: unexpected option(s) {unknown}; the hooks engine's options: "
+                        f"{', '.join(sorted(_engines.ENGINES['hooks'].options))}")
+    return explain_call(model, loss_fn, batch, chosen, engine_options)
 
 
 def parameter_groups(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
@@ -208,104 +252,3 @@ def _prepare(model, inputs, targets, params, where) -> tuple[Batch, dict[str, nn
     return batch, chosen
 
 
-class _Dest(dict):
-    flat: Tensor | None = None
-
-
-def _destination(out, flat, params, size, where) -> _Dest | None:
-    """Views of the caller's buffers (first ``size`` rows), or a fresh flat buffer, or None."""
-    if flat:
-        total = sum(p.numel() for p in params.values())
-        first = next(iter(params.values()))
-        dtypes = {p.dtype for p in params.values()}
-        if len(dtypes) > 1:
-            raise PsgradError(f"{where}: flat=True needs parameters of one dtype, found {sorted(map(str, dtypes))}")
-        if out is None:
-            buf = _alloc.results({"flat": (size, total)}, first.dtype, first.device)["flat"]
-        else:
-            if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[1] != total or out.shape[0] < size:
-                shape = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise PsgradError(f"{where}: with flat=True, out must be a tensor of shape [>= {size}, {total}], got {shape}")
-            _check_buffer(out, first, where, "out")
-            buf = out[:size]
-        dest = _Dest()
-        offset = 0
-        for n, p in params.items():
-            dest[n] = buf[:, offset : offset + p.numel()].view(size, *p.shape)
-            offset += p.numel()
-        dest.flat = buf
-        return dest
-    if out is None:
-        return None
-    if not isinstance(out, Mapping):
-        raise PsgradError(f"{where}: out must be the dict returned by an earlier call (or a tensor with flat=True)")
-    missing = [n for n in params if n not in out]
-    extra = [n for n in out if n not in params]
-    if missing or extra:
-        raise PsgradError(f"{where}: out does not match the parameters: missing {missing}, unexpected {extra}")
-    dest = _Dest()
-    for n, p in params.items():
-        buf = out[n]
-        if not isinstance(buf, Tensor) or buf.dim() != p.dim() + 1 or buf.shape[1:] != p.shape or buf.shape[0] < size:
-            shape = list(buf.shape) if isinstance(buf, Tensor) else type(buf).__name__
-            raise PsgradError(f"{where}: out['{n}'] has shape {shape}, expected [>= {size}, {', '.join(map(str, p.shape))}]")
-        _check_buffer(buf, p, where, f"out['{n}']")
-        dest[n] = buf[:size]
-    return dest
-
-
-def _check_buffer(buf: Tensor, p: Tensor, where: str, label: str) -> None:
-    if buf.dtype != p.dtype or buf.device != p.device:
-        raise PsgradError(
-            f"{where}: {label} is {buf.dtype} on {buf.device} but the parameter is {p.dtype} on {p.device}"
-        )
-    if buf.requires_grad:
-        raise PsgradError(f"{where}: {label} requires grad; pass a plain buffer")
-    if torch._debug_has_internal_overlap(buf) == 1:  # e.g. an expanded tensor: several elements share memory
-        raise PsgradError(f"{where}: {label} has elements that share memory (an expanded view?); pass a plain buffer")
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """NOTE [no garbage collection during a call]: one call creates thousands of small Python objects (the model
-    guard's records, calls, closures, hook handles), enough to trigger collections, now and then a full one that
-    walks every object of the process and costs a large part of a call (benchmarks/README.md, "Measurements behind
-    choices in the code"). Reference counting frees everything a call makes, so with
-    the collector paused for the call (and restored as it was) those objects never count towards a collection."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _run(engine_name, task, where, model, loss_fn, batch, params, options, **kw):
-    if not isinstance(engine_name, str):
-        raise PsgradError(f"{where}: engine must be a name, got {type(engine_name).__name__}")
-    if engine_name == "auto":
-        candidates = [n for n in _engines.AUTO_ORDER if _engines.ENGINES[n].available() is None]
-    else:
-        engine = _engines.get(engine_name, where)
-        reason = engine.available()
-        if reason is not None:
-            raise PsgradError(f"{where}: engine {engine_name!r} is not available: {reason}")
-        candidates = [engine_name]
-    first = _engines.ENGINES[candidates[0]]
-    unknown = sorted(set(options) - first.options)
-    if unknown:
-        valid = ", ".join(sorted(first.options)) or "none"
-        raise TypeError(f"{where}: engine {first.name!r} got unexpected option(s) {unknown}; its options: {valid}")
-    for i, name in enumerate(candidates):
-        engine = _engines.ENGINES[name]
-        mine = {k: v for k, v in options.items() if k in engine.options}  # auto's fallbacks drop hooks' options
-        try:
-            with _gc_paused(), ModelGuard(model):
-                return getattr(engine, task)(model, loss_fn, batch, params, **kw, **mine)
-        except UnsupportedModelError as exc:
-            if engine_name != "auto" or i == len(candidates) - 1:
-                raise
-            warnings.warn(f"{where}: engine {name!r} cannot handle this model ({exc}); using {candidates[i + 1]!r}",
-                          stacklevel=3)
-    raise AssertionError("unreachable")

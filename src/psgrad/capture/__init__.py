@@ -54,10 +54,13 @@ class Capture:
         assert self._recorder is not None, "Capture.probe must run before Capture.forward"
         return self._recorder.forward(model, batch)
 
-    def backward(self, loss: Tensor, on_ready: OnReady | None = None) -> None:
-        """Backward of ``loss``, calling ``on_ready(unit, call)`` once per recorded call."""
+    def backward(
+        self, loss: Tensor, on_ready: OnReady | None = None, also: Sequence[Tensor] = ()
+    ) -> list[Tensor | None]:
+        """Backward of ``loss``, calling ``on_ready(unit, call)`` once per recorded call; returns the gradients of
+        ``loss`` with respect to ``also`` from the same backward."""
         assert self._recorder is not None, "Capture.forward must run before Capture.backward"
-        self._recorder.backward(loss, on_ready)
+        return self._recorder.backward(loss, on_ready, also)
 
 
 __all__ = ["Capture", "Layout", "OnReady", "Unit", "probe"]

@@ -82,13 +82,17 @@ class Recorder:
                 f"(NOTE [outputs broadcast from a batch of one]): {type(exc).__name__}: {exc}"
             ) from exc
 
-    def backward(self, loss: Tensor, on_ready: OnReady | None = None) -> None:
+    def backward(
+        self, loss: Tensor, on_ready: OnReady | None = None, also: Sequence[Tensor] = ()
+    ) -> list[Tensor | None]:
         """Backward of ``loss``; ``on_ready(unit, call)`` runs once per call: as soon as the call has all
-        its output gradients, or after the backward for calls some of whose outputs received none."""
+        its output gradients, or after the backward for calls some of whose outputs received none. Returns the
+        gradients of ``loss`` with respect to the tensors ``also`` (the same backward; None where unreached)."""
         check_parameter_uses(loss, self.units, [[r.window for r in records] for records in self._records])
         self._on_ready = on_ready
-        if self._edges:
-            torch.autograd.grad(loss, self._edges, allow_unused=True, materialize_grads=False)
+        found: tuple = ()
+        if self._edges or also:
+            found = torch.autograd.grad(loss, [*self._edges, *also], allow_unused=True, materialize_grads=False)
         self._edges.clear()
         if self._error is not None:
             raise self._error
@@ -97,6 +101,7 @@ class Recorder:
                 if not record.reported and on_ready is not None:
                     record.reported = True
                     on_ready(record.unit, record.call)
+        return list(found[len(found) - len(also):]) if also else []
 
     def release(self) -> None:
         """Drop every captured tensor and every edge."""

@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..batch import Batch, LossFn
 from ..clipping import ClipSpec
 from ..rules.base import sq_norms, weighted_sum
+from . import consistency
 
 
 class Engine:
@@ -41,11 +43,33 @@ class Engine:
         """Per-sample gradients (written into ``out`` when given) and the per-sample losses."""
         raise NotImplementedError
 
+    def per_sample(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Batch,
+        params: Mapping[str, nn.Parameter],
+        out: Mapping[str, Tensor] | None,
+        check: bool = False,
+        **options: Any,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`grads`, and with ``check`` the consistency check (NOTE [the consistency check] in
+        :mod:`psgrad.engines.consistency`) against one more batched forward and backward from the same random
+        state."""
+        state = _rng_state(batch) if check else None
+        grads, losses = self.grads(model, loss_fn, batch, params, out, **options)
+        if state is not None:
+            sums, norm_sums = consistency.per_sample_sums(grads)
+            batch_grads = batch_gradient(model, loss_fn, batch, params, state)
+            consistency.check(sums, batch_grads, norm_sums, owners(model, params), self.name)
+        return grads, losses
+
     def norms(
-        self, model: nn.Module, loss_fn: LossFn, batch: Batch, params: Mapping[str, nn.Parameter], **options: Any
+        self, model: nn.Module, loss_fn: LossFn, batch: Batch, params: Mapping[str, nn.Parameter],
+        check: bool = False, **options: Any
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Per-sample squared norms of each parameter's gradient, ``{name: [B]}``, and the losses."""
-        grads, losses = self.grads(model, loss_fn, batch, params, None, **options)
+        grads, losses = self.per_sample(model, loss_fn, batch, params, None, check, **options)
         return {n: sq_norms(g) for n, g in grads.items()}, losses
 
     def clipped_sum(
@@ -55,10 +79,11 @@ class Engine:
         batch: Batch,
         params: Mapping[str, nn.Parameter],
         clip: ClipSpec,
+        check: bool = False,
         **options: Any,
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """``sum_i c_i g_i`` per parameter, the per-sample norms ``[B]`` (before clipping) and losses."""
-        grads, losses = self.grads(model, loss_fn, batch, params, None, **options)
+        grads, losses = self.per_sample(model, loss_fn, batch, params, None, check, **options)
         sq = {n: sq_norms(g) for n, g in grads.items()}
         factors = clip.factors(sq)
         summed = {}
@@ -74,3 +99,37 @@ def write(out: Mapping[str, Tensor] | None, grads: dict[str, Tensor]) -> dict[st
     for name, g in grads.items():
         out[name].copy_(g)
     return {name: out[name] for name in grads}
+
+
+def owners(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{parameter name: (label, (path,))}`` of the module that registers it, for messages."""
+    out = {}
+    for name in params:
+        path = name.rpartition(".")[0]
+        module = model.get_submodule(path)
+        out[name] = (f"{path or type(model).__name__} ({type(module).__name__})", (path,))
+    return out
+
+
+def _rng_state(batch: Batch) -> tuple[Tensor, list[Tensor]]:
+    devices = sorted({t.device.index or 0 for t in batch.tensors() if t.is_cuda})
+    return torch.random.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def batch_gradient(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, params: Mapping[str, nn.Parameter], state: tuple
+) -> dict[str, Tensor | None]:
+    """The gradient of the summed per-sample losses by one batched forward and backward, run from the random
+    ``state`` the engine's call started from (so that dropout draws what a batched forward would), leaving the
+    random state as it was."""
+    cpu, cuda = state
+    devices = sorted({t.device.index or 0 for t in batch.tensors() if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        torch.random.set_rng_state(cpu)
+        for d, s in zip(devices, cuda):
+            torch.cuda.set_rng_state(s, d)
+        with torch.enable_grad():
+            losses = loss_fn(batch.call(model), batch.targets)
+            names = list(params)
+            grads = torch.autograd.grad(losses.sum(), [params[n] for n in names], allow_unused=True)
+    return dict(zip(names, grads))

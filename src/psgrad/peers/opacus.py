@@ -1,10 +1,11 @@
 """Opacus as a peer: its per-sample gradients (the ``opacus`` engine), its DP step (the bench's ``opacus-dp`` rows)
 and its PrivacyEngine (``psgrad train --peer opacus``), each faithful to what Opacus computes, right or wrong.
 
-Opacus records activations only for modules in training mode. Layers that compute the same in both modes
-(Linear, ConvNd, GroupNorm, LayerNorm, RMSNorm, Embedding, InstanceNorm without running statistics, and
-MultiheadAttention and recurrent layers without dropout) are switched to training mode for the call
-(:func:`train_mode_free_layers`); every other module (Dropout, BatchNorm, the user's own) keeps its mode.
+Opacus records activations only for modules in training mode. The modules it hooks are switched to training
+mode for the call (:func:`train_hooked_modules`; only their own flag, not their children's), except those whose
+computation depends on the mode (BatchNorm and InstanceNorm with running statistics, attention and recurrent
+layers with dropout); every other module (Dropout, the modules Opacus does not hook) keeps its mode, and the
+caller restores them all.
 """
 
 from __future__ import annotations
@@ -36,25 +37,21 @@ def missing() -> str | None:
     return None
 
 
-_MODE_FREE = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding,
-    nn.EmbeddingBag, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MultiheadAttention, nn.RNNBase,
-)
+def _mode_dependent(m: nn.Module) -> bool:
+    """Whether ``m``'s own computation differs between training and eval mode (as far as psgrad knows)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+        return True
+    return isinstance(m, (nn.MultiheadAttention, nn.RNNBase, nn.Dropout)) and getattr(m, "dropout", getattr(m, "p", 0)) > 0
 
 
-def _mode_free(m: nn.Module) -> bool:
-    """Whether ``m``'s own computation is the same in training and eval mode."""
-    if not isinstance(m, _MODE_FREE) or getattr(m, "track_running_stats", False):
-        return False
-    return not (isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) and m.dropout > 0)
-
-
-def train_mode_free_layers(model: nn.Module) -> None:
-    """Switch the layers whose computation does not depend on the mode to training mode (for Opacus's hooks);
-    the caller restores the modes."""
-    for m in model.modules():
-        if _mode_free(m):
-            m.train()
+def train_hooked_modules(modules: Any) -> None:
+    """Set ``training`` on each module Opacus hooks (not on its children), unless its computation depends on the
+    mode; the caller restores the modes."""
+    for m in modules:
+        if not _mode_dependent(m):
+            m.training = True
 
 
 def per_sample_grads(
@@ -63,9 +60,11 @@ def per_sample_grads(
     """Opacus's ``GradSampleModule`` per-sample gradients (zeros for parameters it gives none) and the losses;
     every hook and attribute it adds is removed afterwards (the caller restores the modes)."""
     grad_sample = opacus("the opacus engine").grad_sample
-    train_mode_free_layers(model)
     gsm = grad_sample.GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=strict)
     try:
+        hooked = getattr(gsm, "iterate_submodules", None)
+        train_hooked_modules(hooked(model) if hooked else
+                             (m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))))
         args, kwargs = as_args_kwargs(batch.inputs)
         losses = check_losses(loss_fn(gsm(*args, **kwargs), batch.targets), batch.size, "opacus engine")
         with warnings.catch_warnings():  # Opacus's own full backward hooks warn when inputs need no grad

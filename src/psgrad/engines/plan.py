@@ -1,0 +1,164 @@
+"""The plan of the hooks engine: which module differentiates which parameter, with which rule.
+
+Every module that owns wanted parameters becomes a unit with the rule the registry resolves for it (the generic
+rule where none serves, or where the caller asks for it); NOTE [one owner per use] decides which registration of
+a parameter owns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..capture import Unit
+from ..errors import UnsupportedModelError
+from ..rules import FALLBACK, Registry
+from ..rules.base import Rule
+from ..rules.call import Call
+
+
+@dataclass(eq=False)
+class Planned:
+    """One unit of the plan: the captured unit, the rule for it, its parameters ``{local name: result name}``,
+    and why the generic rule took it where it did."""
+
+    unit: Unit
+    rule: Rule
+    names: dict[str, str]
+    reason: str | None = None
+    path: str = ""
+
+
+def plan(
+    model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registry, generic: Collection[str] = ()
+) -> list[Planned]:
+    """One unit per module that owns wanted parameters, with the rule the registry resolves for it; modules
+    whose paths are in ``generic`` take the generic rule.
+
+    NOTE [one owner per use]: a parameter registered on several modules is differentiated by each module that
+    uses it in its own forward, and only there. Where one registering module contains another (a parent that
+    keeps a second name for a child's weight, as Opacus's DPRNN does), the parent's forward reaches the parameter
+    through the child, so only the deepest registration owns it; a parent that used it directly as well would be
+    refused by the check of parameter uses, never counted twice. Two local names of one parameter on one module
+    are one parameter too.
+    """
+    wanted = {id(p): name for name, p in params.items()}
+    claimed: set[int] = set()
+    candidates: list[tuple[str, nn.Module, Rule, dict[str, str], str | None]] = []
+    for mname, module in model.named_modules():
+        if id(module) in claimed:
+            continue
+        found = registry.resolve(module)
+        registered = registry.lookup(type(module))
+        if registered is not None and registered.claims_children:
+            claimed.update(id(m) for m in module.modules())
+            owned = module.named_parameters(remove_duplicate=False)
+        else:
+            owned = ((n, p) for n, p in module._parameters.items() if p is not None)
+        names: dict[str, str] = {}
+        for local, p in owned:
+            if id(p) in wanted and wanted[id(p)] not in names.values():
+                names[local] = wanted[id(p)]
+        if names:
+            rule = found.rule if found.rule is not None else FALLBACK
+            reason = found.reason
+            if mname in generic and rule is not FALLBACK:
+                rule, reason = FALLBACK, "its rule's per-sample gradients failed the consistency check"
+            candidates.append((mname, module, rule, names, reason))
+    owners: dict[str, list[str]] = {}
+    for mname, _, _, names, _ in candidates:
+        for name in names.values():
+            owners.setdefault(name, []).append(mname)
+    planned = []
+    for mname, module, rule, names, reason in candidates:
+        keep = {loc: name for loc, name in names.items() if not any(_inside(other, mname) for other in owners[name])}
+        if keep:
+            label = f"{mname or type(model).__name__} ({type(module).__name__})"
+            unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()})
+            planned.append(Planned(unit, rule, keep, reason, mname))
+    return planned
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    """Whether the module at ``path`` lies strictly inside the module at ``ancestor`` (paths of named_modules)."""
+    return path != ancestor and (ancestor == "" or path.startswith(ancestor + "."))
+
+
+@dataclass
+class UnitTrace:
+    """What one unit did in one call of the engine (for :func:`psgrad.explain`): its calls, the rule that took
+    each (the unit's, or the generic rule where the rule declined the call, with the reason), and the time spent
+    in the generic rule."""
+
+    item: Planned
+    calls: int = 0
+    generic_calls: int = 0
+    generic_seconds: float = 0.0
+    declined: list[str] = field(default_factory=list)
+
+
+class Trace:
+    """Collects a :class:`UnitTrace` per unit during one engine call (``trace=`` option of the hooks engine)."""
+
+    def __init__(self) -> None:
+        self.units: dict[int, UnitTrace] = {}
+        self.planned: list[Planned] = []
+
+    def of(self, item: Planned) -> UnitTrace:
+        return self.units.setdefault(id(item), UnitTrace(item))
+
+
+def rule_for(item: Planned, call: Call, trace: Trace | None = None) -> Rule:
+    """The unit's rule, unless it declines this call (then the generic rule)."""
+    if item.rule is FALLBACK:
+        return FALLBACK
+    with refusing(item, item.rule):
+        declined = item.rule.check(item.unit.module, call)
+    if declined is None:
+        return item.rule
+    if trace is not None:
+        trace.of(item).declined.append(declined)
+    return FALLBACK
+
+
+@contextlib.contextmanager
+def running(item: Planned, rule: Rule, trace: Trace | None, calls: int = 1) -> Iterator[None]:
+    """A rule at work on ``calls`` calls of the unit: errors become refusals (:func:`refusing`), and with a trace
+    the calls and the generic rule's time are counted."""
+    start = time.perf_counter()
+    with refusing(item, rule):
+        yield
+    if trace is not None:
+        record = trace.of(item)
+        record.calls += calls
+        if rule is FALLBACK:
+            record.generic_calls += calls
+            record.generic_seconds += time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def refusing(item: Planned, rule: Rule) -> Iterator[None]:
+    """Any error inside a rule becomes a refusal naming the module, its class and the rule, so that nothing
+    half-computed is returned and ``auto`` can fall back."""
+    try:
+        yield
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"{item.unit.label}, {rule.name}: {exc}") from exc
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"{item.unit.label}: {rule.name} failed on this module ({type(exc).__name__}: {exc}); its per-sample "
+            "gradients cannot be computed by this engine"
+        ) from exc
+
+
+def owners(planned: Collection[Planned]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``{result name: (the labels of the units that own it, their module paths)}``, for messages."""
+    out: dict[str, list[Planned]] = {}
+    for item in planned:
+        for name in item.names.values():
+            out.setdefault(name, []).append(item)
+    return {name: (", ".join(i.unit.label for i in items), tuple(i.path for i in items)) for name, items in out.items()}
