@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from helpers import fingerprint
+from helpers import assert_close_to_truth, fingerprint, truth
 from torch import nn
 
 import psgrad
@@ -53,7 +53,10 @@ def test_one_record_per_module_with_parameters():
     assert re.search(r"norm\s+NormAct\s+generic", text) and "1 of 5 modules on the generic rule" in text
 
 
-def test_declined_calls_and_refusals_are_named():
+def test_a_unit_that_cannot_be_separated_goes_to_its_parent_and_explain_says_so():
+    """bias_map's [1, 2, 3] output cannot be expanded over the batch (NOTE [hoisting to the parent]): its weight
+    goes to the root module, on the generic rule (exact), and explain names both."""
+
     class Positions(nn.Module):
         def __init__(self):
             super().__init__()
@@ -64,8 +67,13 @@ def test_declined_calls_and_refusals_are_named():
             return (self.lin(x) * self.bias_map(torch.ones(1, 2, 3, dtype=x.dtype))).flatten(1).sum(1)
 
     model = Positions().eval()
-    records = {r.path: r for r in psgrad.explain(model, lambda o, y: o, torch.randn(4, 1, 2, 3))}
-    assert records["bias_map"].rule == "refused" and "no batch dimension" in records["bias_map"].reason
+    x = torch.randn(4, 1, 2, 3)
+    records = {r.path: r for r in psgrad.explain(model, lambda o, y: o, x)}
+    assert records["bias_map"].rule == "(by (root))" and records["lin"].rule == "LinearRule"
+    assert records[""].rule == "generic" and "bias_map" in records[""].reason
+    assert records[""].parameters == ["bias_map.weight", "bias_map.bias"] and records[""].calls == 1
+    got = psgrad.per_sample_grads(model, lambda o, y: o, x, engine="hooks")
+    assert_close_to_truth(got, truth(model, lambda o, y: o, x))
 
 
 def test_verify_explain_prints_the_table(capsys):

@@ -6,6 +6,8 @@ Every case is compared with the float64 loop; where the engine cannot be exact i
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,6 @@ from helpers import assert_close_to_truth, assert_engine_exact, check_all_tasks,
 from torch import nn
 
 import psgrad
-from psgrad import UnsupportedModelError
 
 CE = nn.CrossEntropyLoss(reduction="none")
 
@@ -164,17 +165,22 @@ def test_batch_of_one_everywhere():
     _check_all_tasks(Positions().eval(), tokens, torch.randint(0, 3, (1,)))
 
 
-def _refused_then_auto_is_exact(model, inputs, targets):
-    with pytest.raises(UnsupportedModelError):
-        psgrad.per_sample_grads(model, CE, inputs, targets, engine="hooks")
-    with pytest.warns(UserWarning, match="cannot handle this model"):
-        got = psgrad.per_sample_grads(model, CE, inputs, targets)
-    assert_close_to_truth(got, truth(model, CE, inputs, targets))
+def _exact_through_the_root(model, inputs, targets):
+    """Where a module's calls cannot be separated by example, its parameters go to its parent, here the root, on
+    the generic rule (NOTE [hoisting to the parent]): exact, never guessed, and explain says so."""
+    want = truth(model, CE, inputs, targets)
+    assert_close_to_truth(psgrad.per_sample_grads(model, CE, inputs, targets, engine="hooks"), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", psgrad.FallbackWarning)
+        assert_close_to_truth(psgrad.per_sample_grads(model, CE, inputs, targets), want)
+    root = [r for r in psgrad.explain(model, CE, inputs, targets) if r.path == ""]
+    assert root and root[0].rule == "generic" and "whose calls cannot be separated" in root[0].reason
+    _check_all_tasks(model, inputs, targets)
 
 
-def test_broadcast_row_indexed_is_refused_not_guessed():
+def test_broadcast_row_indexed_goes_to_the_parent_not_guessed():
     tokens = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(2))
-    _refused_then_auto_is_exact(Positions(misuse=True).eval(), tokens, torch.randint(0, 3, (4,)))
+    _exact_through_the_root(Positions(misuse=True).eval(), tokens, torch.randint(0, 3, (4,)))
 
 
 class OutsideUse(nn.Module):
@@ -188,9 +194,9 @@ class OutsideUse(nn.Module):
         return F.linear(self.emb(tokens).mean(1), self.emb.weight)
 
 
-def test_parameter_used_outside_its_module_is_refused():
+def test_parameter_used_outside_its_module_goes_to_the_parent():
     tokens = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(3))
-    _refused_then_auto_is_exact(OutsideUse().eval(), tokens, torch.randint(0, 10, (4,)))
+    _exact_through_the_root(OutsideUse().eval(), tokens, torch.randint(0, 10, (4,)))
 
 
 class BatchIndependent(nn.Module):
@@ -207,10 +213,10 @@ class BatchIndependent(nn.Module):
         return self.head(torch.softmax(x @ q.t(), -1) @ q)
 
 
-def test_batch_independent_layer_is_refused():
+def test_batch_independent_layer_goes_to_the_parent():
     torch.manual_seed(0)
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
-    _refused_then_auto_is_exact(BatchIndependent(5).eval(), x, y)
+    _exact_through_the_root(BatchIndependent(5).eval(), x, y)
 
 
 class Custom(nn.Module):
@@ -294,4 +300,4 @@ class Template(nn.Module):
 
 def test_expanding_a_batch_free_output_must_not_change_the_model():
     torch.manual_seed(0)
-    _refused_then_auto_is_exact(Template().eval(), torch.randn(4, 1, 3, 3), torch.randint(0, 3, (4,)))
+    _exact_through_the_root(Template().eval(), torch.randn(4, 1, 3, 3), torch.randint(0, 3, (4,)))

@@ -86,9 +86,11 @@ def _records(model, params, trace: Trace, refusal: str | None, inconsistent: dic
     out = Explanation()
     for path, module in model.named_modules():
         mine = [result_name[id(p)] for p in module._parameters.values() if p is not None and id(p) in result_name]
-        if not mine:
-            continue
         item = by_path.get(path)
+        if not mine and item is None:
+            continue
+        if item is not None:
+            mine = list(item.names.values())
         if item is None:
             others = sorted({owner_of[n] or "(root)" for n in mine if n in owner_of})
             out.append(ModuleRecord(path, type(module).__name__, f"(by {', '.join(others) or '?'})",

@@ -8,7 +8,9 @@ Three parts, each with its NOTE:
   each unit, and the backward, which hands each call to the engine as soon as its output gradients are in
   (NOTE [why capture output gradients with tensor hooks]);
 - :mod:`~psgrad.capture.uses`: the check that every use of a parameter lies inside its unit's calls
-  (NOTE [parameters used outside their module]).
+  (NOTE [parameters used outside their module]);
+- :mod:`~psgrad.capture.merged`: batches merged into rows, told apart by the probe's values (NOTE [batches
+  merged into rows]).
 
 :class:`Capture` is a context manager over the three; leaving it removes every hook and drops every captured
 tensor, also on error, so nothing stays on the user's modules or parameters.
@@ -22,6 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..batch import Batch
+from . import merged
 from .probe import Layout, probe
 from .record import OnReady, Recorder
 from .unit import Unit
@@ -50,9 +53,17 @@ class Capture:
         return layout
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
-        """The model's outputs on the whole batch, every unit's calls recorded (after :meth:`probe`)."""
+        """The model's outputs on the whole batch, every unit's calls recorded (after :meth:`probe`). Where a unit
+        merges the batch into rows and the probe kept no values for it, the probe runs again keeping them, and
+        so does the forward (once; NOTE [batches merged into rows])."""
         assert self._recorder is not None, "Capture.probe must run before Capture.forward"
-        return self._recorder.forward(model, batch)
+        try:
+            return self._recorder.forward(model, batch)
+        except merged.NeedsValues as exc:
+            merged.KEEP_VALUES.update(exc.modules)
+            self._recorder.release()
+            self.probe(model, batch)
+            return self._recorder.forward(model, batch)
 
     def backward(
         self, loss: Tensor, on_ready: OnReady | None = None, also: Sequence[Tensor] = ()

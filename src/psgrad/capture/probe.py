@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import Batch
 from ..errors import UnsupportedModelError
+from .merged import KEEP_VALUES
 from .unit import Unit, flatten_call, flatten_output
 
 #: (unit index, call index, output index): one output of one call of one unit
@@ -50,6 +51,11 @@ class Layout:
     size: int
     shapes: dict[int, list[tuple[Shapes, Shapes]]] = field(default_factory=dict)
     expandable: set[OutputKey] = field(default_factory=set)
+    #: (unit, call) -> (input leaves, output leaves) at the probe's size, for the units whose modules are in
+    #: ``merged.KEEP_VALUES`` (NOTE [batches merged into rows])
+    values: dict[tuple[int, int], tuple[list[Any], list[Any]]] = field(default_factory=dict)
+    #: the same for a probe on the last two examples of the batch (where it has more than two)
+    tail_values: dict[tuple[int, int], tuple[list[Any], list[Any]]] = field(default_factory=dict)
 
     def of_call(self, unit: int, index: int) -> tuple[Shapes, Shapes] | None:
         calls = self.shapes.get(unit, [])
@@ -72,11 +78,33 @@ def probe(model: nn.Module, batch: Batch, units: Sequence[Unit], batch_size: int
                 again: dict[OutputKey, torch.Size] = {}
                 plain = _run(model, batch, size, units, _shapes_again_hook(again))
                 batch_free = {k for k in leading_one if again.get(k) == layout.shapes[k[0]][k[1]][1][k[2]]}
-                if batch_free and _same_outputs(plain, _run(model, batch, size, units, _expanding_hook(batch_free, size))):
-                    layout.expandable = batch_free
+                layout.expandable = _expandable(model, batch, units, batch_free, size, plain)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return layout
+
+
+#: batch-free outputs tried one at a time where expanding all of them at once changes the model
+_ONE_BY_ONE = 16
+
+
+def _expandable(model: nn.Module, batch: Batch, units: Sequence[Unit], batch_free: set[OutputKey], size: int,
+                plain: Any) -> set[OutputKey]:
+    """The batch-free outputs that may be expanded over the batch: all of them if expanding all leaves the model's
+    outputs as they were, else (up to ``_ONE_BY_ONE`` of them) each one that does so alone. An expansion that
+    makes the model fail is one that changes it."""
+
+    def keeps(keys: set[OutputKey]) -> bool:
+        try:
+            return _same_outputs(plain, _run(model, batch, size, units, _expanding_hook(keys, size)))
+        except UnsupportedModelError:
+            return False
+
+    if not batch_free or keeps(batch_free):
+        return set(batch_free)
+    if len(batch_free) == 1 or len(batch_free) > _ONE_BY_ONE:
+        return set()
+    return {k for k in batch_free if keeps({k})}
 
 
 def batch_dim(real: torch.Size, probe: torch.Size, b: int, bp: int, what: Callable[[], str]) -> int | None:
@@ -102,9 +130,13 @@ def _shape_pass(model: nn.Module, batch: Batch, units: Sequence[Unit], layout: L
     """Record every call's shapes into ``layout``; return the floating outputs of leading size 1."""
     leading_one: set[OutputKey] = set()
 
+    keep = [unit.module in KEEP_VALUES for unit in units]
+
     def hook(u: int, index: int, args: tuple, kwargs: dict, output: Any) -> None:
         leaves, _ = flatten_call(args, kwargs)
         outs, _ = flatten_output(output)
+        if keep[u]:
+            layout.values[(u, index)] = _detached(leaves, outs)
         layout.shapes.setdefault(u, []).append(
             ([t.shape if isinstance(t, Tensor) else None for t in leaves],
              [t.shape if isinstance(t, Tensor) else None for t in outs]))
@@ -113,7 +145,19 @@ def _shape_pass(model: nn.Module, batch: Batch, units: Sequence[Unit], layout: L
                 leading_one.add((u, index, j))
 
     _run(model, batch, layout.size, units, hook)
+    if any(keep) and batch.size > 2:  # NOTE [batches merged into rows]: the last two examples too
+
+        def tail(u: int, index: int, args: tuple, kwargs: dict, output: Any) -> None:
+            if keep[u]:
+                layout.tail_values[(u, index)] = _detached(flatten_call(args, kwargs)[0], flatten_output(output)[0])
+
+        _run(model, batch, 2, units, tail, torch.tensor([batch.size - 2, batch.size - 1]))
     return leading_one
+
+
+def _detached(leaves: list[Any], outs: list[Any]) -> tuple[list[Any], list[Any]]:
+    return ([t.detach() if isinstance(t, Tensor) else t for t in leaves],
+            [t.detach() if isinstance(t, Tensor) else t for t in outs])
 
 
 def _shapes_again_hook(again: dict[OutputKey, torch.Size]) -> Hook:
@@ -136,11 +180,11 @@ def _expanding_hook(keys: set[OutputKey], size: int) -> Hook:
     return hook
 
 
-def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook: Hook) -> Any:
+def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook: Hook, index: Tensor | None = None) -> Any:
     """The model on ``size`` examples (repeating the batch's own) with ``hook`` on every unit's calls."""
     try:
         with _hooked(units, hook):
-            return batch.select(torch.arange(size) % batch.size).call(model)
+            return batch.select(torch.arange(size) % batch.size if index is None else index).call(model)
     except UnsupportedModelError:
         raise
     except Exception as exc:

@@ -29,9 +29,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import Batch
 from ..errors import UnsupportedModelError
-from ..rules.call import Call
+from ..rules.call import BatchDim, Call, Merged, Ragged
+from . import merged
 from .probe import Layout, batch_dim
-from .unit import Unit, flatten_call, flatten_output, tensor_args_spec
+from .unit import NeedsParent, Unit, flatten_call, flatten_output, tensor_args_spec
 from .uses import check_parameter_uses
 
 #: called once per call of a unit once its output gradients are in: ``on_ready(unit, call)``
@@ -69,10 +70,14 @@ class Recorder:
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         """The model's forward on the whole batch with every unit's calls recorded."""
         self._expanded_any = False
+        self._needs_values: list[nn.Module] = []
         try:
             with self._hooked():
-                return batch.call(model)
-        except UnsupportedModelError:
+                output = batch.call(model)
+            if self._needs_values:
+                raise merged.NeedsValues(self._needs_values)
+            return output
+        except (UnsupportedModelError, merged.NeedsValues):  # NeedsParent among the first
             raise
         except Exception as exc:
             if not self._expanded_any:
@@ -153,17 +158,20 @@ class Recorder:
                 "the call structure depends on the batch size"
             )
         in_probe, out_probe = probed
-        b, bp = self.batch_size, self.layout.size
+        b = self.batch_size
         leaves, spec = flatten_call(args, kwargs)
         outs, out_spec = flatten_output(output)
         if len(leaves) != len(in_probe) or len(outs) != len(out_probe):
             raise UnsupportedModelError(f"{unit.label}: its call signature changes with the batch size")
-        in_bdims: list[int | None] = []
+        in_bdims: list[BatchDim] = []
         versions: list[int | None] = []
         kept: list[Any] = []
+        values = self.layout.values.get((u, index))
+        tail = self.layout.tail_values.get((u, index))
         for i, t in enumerate(leaves):
             if isinstance(t, Tensor):
-                in_bdims.append(batch_dim(t.shape, in_probe[i], b, bp, lambda i=i: f"input {i} of {unit.label}"))
+                in_bdims.append(self._batch_dim(unit, t, in_probe[i], values and values[0][i], tail and tail[0][i],
+                                                f"input {i} of {unit.label}", ragged=True))
                 kept.append(t.detach())
                 versions.append(t._version)
             else:
@@ -179,7 +187,8 @@ class Recorder:
                 call.out_shapes.append(None)
                 record.expanded.append(False)
                 continue
-            bdim = batch_dim(t.shape, out_probe[j], b, bp, lambda j=j: f"output {j} of {unit.label}")
+            bdim = self._batch_dim(unit, t, out_probe[j], values and values[1][j], tail and tail[1][j],
+                                   f"output {j} of {unit.label}")
             expanded = False
             if bdim is None and t.requires_grad:
                 if (u, index, j) in self.layout.expandable:
@@ -187,10 +196,10 @@ class Recorder:
                     bdim, expanded, changed = 0, True, True
                     self._expanded_any = True
                 else:
-                    raise UnsupportedModelError(
+                    raise NeedsParent(
                         f"output {j} of {unit.label} has no batch dimension (shape {list(t.shape)}), so its "
                         "gradient mixes all examples, and it cannot be expanded over the batch without changing "
-                        "the model (NOTE [outputs broadcast from a batch of one])"
+                        "the model (NOTE [outputs broadcast from a batch of one])", [unit]
                     )
             call.out_bdims.append(bdim)
             call.out_shapes.append(t.shape)
@@ -204,6 +213,31 @@ class Recorder:
         self._records[u].append(record)
         return tree_unflatten(outs, out_spec) if changed else None
 
+    def _batch_dim(self, unit: Unit, t: Tensor, probed: torch.Size, probe_value: Any, tail_value: Any, what: str,
+                   ragged: bool = False) -> BatchDim:
+        """Where ``t`` holds the batch: one dimension, none, or merged with other rows (decided by the probe's
+        values; NOTE [batches merged into rows]); an input (``ragged``) that follows the batch in none of these
+        ways is left to the rules (:class:`~psgrad.rules.call.Ragged`)."""
+        b, bp = self.batch_size, self.layout.size
+        try:
+            return batch_dim(t.shape, probed, b, bp, lambda: what)
+        except UnsupportedModelError as exc:
+            found = merged.candidate(t.shape, probed, b, bp) if len(t.shape) == len(probed) else None
+            if found is None:
+                if ragged:
+                    return Ragged(str(exc))
+                raise
+            if b > 1 and not isinstance(probe_value, Tensor):
+                self._needs_values.append(unit.module)  # raised once the forward is through (all of them at once)
+                return Merged(*found, True)
+            try:
+                return merged.resolve(t.detach(), probe_value, tail_value if isinstance(tail_value, Tensor) else None,
+                                      *found, b, bp, what)
+            except UnsupportedModelError as exc:
+                if ragged:  # an input that follows the batch in no way the capture knows: left to the rules
+                    return Ragged(str(exc))
+                raise
+
     # backward ----------------------------------------------------------------------------------------
     def _grad_hook(self, record: _Pending, j: int) -> Callable[[Tensor], None]:
         call = record.call
@@ -213,9 +247,9 @@ class Recorder:
             if self._error is not None:
                 return
             if g is not None and record.expanded[j] and call.batch_size > 1 and not bool(g[1:].any()) and bool(g[0].any()):
-                self._error = UnsupportedModelError(
+                self._error = NeedsParent(
                     f"output {j} of {record.unit.label} is broadcast from a batch of one, but later code only uses "
-                    "its first row; per-sample gradients cannot be separated there"
+                    "its first row; per-sample gradients cannot be separated there", [record.unit]
                 )
                 return
             if g is not None:

@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ..errors import UnsupportedModelError
 from ..rules.call import Call
 
 
@@ -22,6 +23,17 @@ class Unit:
     label: str
     params: dict[str, nn.Parameter]
     calls: list[Call] = field(default_factory=list)
+    path: str = ""  # in named_modules()
+
+
+class NeedsParent(UnsupportedModelError):
+    """A unit's calls cannot be separated by example where the unit is (its output has no batch dimension and
+    cannot be expanded, or its parameters are used outside its calls); its parent module may be the unit instead
+    (NOTE [hoisting to the parent] in :mod:`psgrad.engines.plan`). Left unhandled, it is a refusal."""
+
+    def __init__(self, message: str, units: list[Unit]):
+        super().__init__(message)
+        self.units = units
 
 
 @functools.cache

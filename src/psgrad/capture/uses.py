@@ -15,8 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..errors import UnsupportedModelError
-from .unit import Unit
+from .unit import NeedsParent, Unit
 
 
 def check_parameter_uses(loss: Tensor, units: Sequence[Unit], windows: Sequence[Sequence[tuple[int, int]]]) -> None:
@@ -24,19 +23,21 @@ def check_parameter_uses(loss: Tensor, units: Sequence[Unit], windows: Sequence[
     ``windows[u]`` (the sequence numbers of its calls' nodes)."""
     inside: dict[int, list[tuple[int, int]]] = {}
     names: dict[int, str] = {}
+    owners: dict[int, list[Unit]] = {}
     for unit, unit_windows in zip(units, windows):
         for name, p in unit.params.items():
             inside.setdefault(id(p), []).extend(unit_windows)
             names[id(p)] = name
+            owners.setdefault(id(p), []).append(unit)
     for node, param in _parameter_consumers(loss.grad_fn):
         key = id(param)
         if key not in inside:
             continue
         seq = node._sequence_nr()
         if not any(lo <= seq <= hi for lo, hi in inside[key]):
-            raise UnsupportedModelError(
+            raise NeedsParent(
                 f"parameter '{names[key]}' is used outside the forward of the module that owns it "
-                f"(by {type(node).__name__}); its per-sample gradient would miss that use"
+                f"(by {type(node).__name__}); its per-sample gradient would miss that use", owners[key]
             )
 
 

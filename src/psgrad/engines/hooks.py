@@ -11,7 +11,8 @@ gradients are never allocated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from .._memory import alloc as _alloc
 from ..batch import Batch, LossFn, check_losses
 from ..capture import Capture, Unit
+from ..capture.unit import NeedsParent
 from ..clipping import ClipSpec
 from ..errors import PsgradError
 from ..rules import DEFAULT
@@ -72,13 +74,14 @@ class HooksEngine(Engine):
     options = frozenset({"registry", "generic", "trace"})
     summary = "psgrad's fast engine: capture once, per-layer rules, generic fallback"
 
-    def _plan(self, model, batch, params, where, registry=None, generic=(), trace=None) -> tuple[list[Planned], Capture]:
+    def _plan(self, model, batch, params, where, registry=None, generic=(), trace=None, hoisted=()
+              ) -> tuple[list[Planned], Capture]:
         if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
             raise PsgradError(
                 f"{where}: autocast (mixed precision) is not supported by the hooks engine; call it outside "
                 "torch.autocast, or use engine='vmap'"
             )
-        planned = plan(model, params, registry or DEFAULT, generic)
+        planned = plan(model, params, registry or DEFAULT, generic, hoisted)
         if trace is not None:
             trace.planned = planned
         return planned, Capture([p.unit for p in planned], batch.size)
@@ -97,6 +100,10 @@ class HooksEngine(Engine):
         trace: Trace | None = None,
         **options: Any,
     ) -> tuple[dict[str, Tensor], Tensor]:
+        return _hoisting(model, lambda hoisted: self._per_sample(
+            model, loss_fn, batch, params, out, check, trace, hoisted=hoisted, **options))
+
+    def _per_sample(self, model, loss_fn, batch, params, out, check, trace, **options) -> tuple[dict[str, Tensor], Tensor]:
         where = "per_sample_grads"
         planned, capture = self._plan(model, batch, params, where, trace=trace, **options)
         of_unit = {id(p.unit): p for p in planned}
@@ -133,6 +140,10 @@ class HooksEngine(Engine):
     def _norms(self, model, loss_fn, batch, params, where, keep: bool, check: bool, trace=None, **options) -> _Norms:
         """Capture, then per unit, as soon as all its calls have their gradients: squared norms per result
         name and (``keep``) what its clipped sum needs. The captured tensors are released right after."""
+        return _hoisting(model, lambda hoisted: self._norms_once(
+            model, loss_fn, batch, params, where, keep, check, trace, hoisted=hoisted, **options))
+
+    def _norms_once(self, model, loss_fn, batch, params, where, keep, check, trace, **options) -> _Norms:
         planned, capture = self._plan(model, batch, params, where, trace=trace, **options)
         of_unit = {id(p.unit): p for p in planned}
         counts: dict[str, int] = {}
@@ -268,6 +279,31 @@ def _ones(sq: dict[str, Tensor], params: Mapping[str, nn.Parameter], size: int) 
     """Clipping factors of 1 for every parameter: the weighted sums are then ``sum_i g_i``."""
     ones = torch.ones(size, dtype=torch.float64, device=next(iter(params.values())).device)
     return _cast_factors(dict.fromkeys(sq, ones), params)
+
+
+#: per model (weakly held: no state on the model), the paths of modules whose parameters went to their parent
+_HOISTED: weakref.WeakKeyDictionary[nn.Module, frozenset[str]] = weakref.WeakKeyDictionary()
+_MAX_HOISTS = 16
+
+
+def _hoisting(model: nn.Module, attempt: Callable[[frozenset[str]], Any]) -> Any:
+    """``attempt(hoisted)``, again with a unit's parameters given to its parent module each time the capture finds
+    that unit's calls cannot be separated by example (NOTE [hoisting to the parent] in :mod:`psgrad.engines.plan`);
+    what worked is remembered for the model. A unit at the root has no parent: then it is a refusal."""
+    hoisted = _HOISTED.get(model, frozenset())
+    for _ in range(_MAX_HOISTS):
+        try:
+            result = attempt(hoisted)
+        except NeedsParent as exc:
+            paths = frozenset(unit.path for unit in exc.units)
+            if "" in paths or paths <= hoisted:
+                raise
+            hoisted |= paths
+            continue
+        if hoisted:
+            _HOISTED[model] = hoisted
+        return result
+    return attempt(hoisted)
 
 
 def _cast_factors(factors: dict[str, Tensor], params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:

@@ -33,11 +33,27 @@ class Planned:
     path: str = ""
 
 
+# NOTE [hoisting to the parent]
+# Some modules' calls cannot be separated by example where they are: an output without batch dimension that is not
+# a broadcast batch of one (T5's relative position bias, an Embedding of [T, T] relative positions), or parameters
+# used outside the module's own calls (torchvision's Swin attention passes its children's weights to a function).
+# The module that registers such a module computes, in its own call, everything that module contributes, and its
+# call usually carries the batch: so its parameters go to that parent, on the generic rule (exact, per module),
+# and one level further up while the parent's calls cannot be separated either. Only the root has no parent; a
+# unit there that still cannot be separated is refused. The engine learns this from the capture (which raises
+# NeedsParent) on a model's first call and remembers it for that model.
+
+
 def plan(
-    model: nn.Module, params: Mapping[str, nn.Parameter], registry: Registry, generic: Collection[str] = ()
+    model: nn.Module,
+    params: Mapping[str, nn.Parameter],
+    registry: Registry,
+    generic: Collection[str] = (),
+    hoisted: Collection[str] = (),
 ) -> list[Planned]:
     """One unit per module that owns wanted parameters, with the rule the registry resolves for it; modules
-    whose paths are in ``generic`` take the generic rule.
+    whose paths are in ``generic`` take the generic rule; the parameters of modules whose paths are in
+    ``hoisted`` go to their parent module, on the generic rule (NOTE [hoisting to the parent]).
 
     NOTE [one owner per use]: a parameter registered on several modules is differentiated by each module that
     uses it in its own forward, and only there. Where one registering module contains another (a parent that
@@ -73,13 +89,32 @@ def plan(
     for mname, _, _, names, _ in candidates:
         for name in names.values():
             owners.setdefault(name, []).append(mname)
-    planned = []
+    units: dict[str, list] = {}  # path -> [module, rule, names, reason], in named_modules order
     for mname, module, rule, names, reason in candidates:
         keep = {loc: name for loc, name in names.items() if not any(_inside(other, mname) for other in owners[name])}
+        target = mname
+        while target in hoisted and target:
+            target = target.rpartition(".")[0]
+        if target != mname:
+            prefix = mname[len(target) + 1:] if target else mname
+            keep = {f"{prefix}.{loc}": name for loc, name in keep.items()}
+            if target not in units:
+                units[target] = [model.get_submodule(target), FALLBACK, {}, None]
+            entry = units[target]
+            entry[1] = FALLBACK
+            entry[2].update(keep)
+            entry[3] = f"holds {sorted(keep)} of {mname}, whose calls cannot be separated by example"
+            continue
         if keep:
-            label = f"{mname or type(model).__name__} ({type(module).__name__})"
-            unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()})
-            planned.append(Planned(unit, rule, keep, reason, mname))
+            if mname in units:  # a descendant's parameters hoisted here first
+                units[mname][2] = {**keep, **units[mname][2]}
+            else:
+                units[mname] = [module, rule, keep, reason]
+    planned = []
+    for mname, (module, rule, keep, reason) in units.items():
+        label = f"{mname or type(model).__name__} ({type(module).__name__})"
+        unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()}, path=mname)
+        planned.append(Planned(unit, rule, keep, reason, mname))
     return planned
 
 

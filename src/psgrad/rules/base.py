@@ -54,6 +54,11 @@ class Rule:
     claims_children: ClassVar[bool] = False
     #: whether ``norm_sample`` returns a :class:`PerSample` cache and ``clipped_sum`` is the default weighted sum
     keeps_per_sample: ClassVar[bool] = True
+    #: whether the formula also holds where the batch is merged with other rows (a row-wise layer on
+    #: ``x.reshape(B * T, d)``, seen through :meth:`Call.arg` as ``[B, T, d]``); other rules decline such calls
+    handles_merged: ClassVar[bool] = False
+    #: whether the rule knows how a call maps inputs that do not follow the batch (:class:`~psgrad.rules.call.Ragged`)
+    handles_ragged: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -87,8 +92,14 @@ class Rule:
 
     def check(self, module: nn.Module, call: Call | None) -> str | None:
         """None if this rule can handle ``call`` of ``module``, else why not (the generic rule then takes it):
-        :meth:`applicability`, then :meth:`check_call`."""
-        return self.applicability(module) or self.check_call(module, call)
+        :meth:`applicability`, calls with the batch merged into rows where the rule does not handle them, then
+        :meth:`check_call`."""
+        reason = self.applicability(module)
+        if reason is None and call is not None and not self.handles_merged and call.merged():
+            reason = "the batch is merged with other rows in a tensor of the call"
+        if reason is None and call is not None and not self.handles_ragged:
+            reason = call.ragged()
+        return reason or self.check_call(module, call)
 
     def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         """What this rule must see of one call (batch layout, arguments); None if it can handle it."""

@@ -4,6 +4,11 @@ The capture (:mod:`psgrad.capture`) builds one :class:`Call` per call of a modul
 in its output gradients during the backward; rules read it only through the accessors below, which hand out
 tensors with the batch at dimension 0 whatever layout the module used. A rule never sees how the batch was
 found (NOTE [where is the batch] in :mod:`psgrad.capture.probe`).
+
+A captured tensor holds the batch in one dimension (an ``int``), in none (``None``: a batch-free tensor, or one
+broadcast from a batch of one), or merged with another factor into one dimension (a :class:`Merged`: the rows
+of ``x.reshape(B * T, d)``, NOTE [batches merged into rows] in :mod:`psgrad.capture.merged`). The accessors
+unflatten a merged dimension, so that ``arg`` and ``grad`` are ``[B, k, ...]``.
 """
 
 from __future__ import annotations
@@ -20,24 +25,52 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UnsupportedModelError
 
 
+@dataclass(frozen=True)
+class Merged:
+    """The batch merged with ``rows`` other rows into dimension ``dim``: batch-major (example i owns the rows
+    ``i * rows ... (i + 1) * rows - 1``) or, where not ``batch_major``, time-major (rows ``t * B + i``)."""
+
+    dim: int
+    rows: int
+    batch_major: bool
+
+    def split(self, t: Tensor, batch: int) -> tuple[Tensor, int]:
+        """``t`` with the merged dimension unflattened, and where the batch is in the result."""
+        if self.batch_major:
+            return t.unflatten(self.dim, (batch, self.rows)), self.dim
+        return t.unflatten(self.dim, (self.rows, batch)), self.dim + 1
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """An input whose sizes do not follow the batch in any one dimension (EmbeddingBag's flat indices, whose
+    length is the sum of the bags'): only a rule that knows how the call maps it to examples can use it; every
+    other rule declines the call, and the generic rule refuses it with ``reason``."""
+
+    reason: str
+
+
+BatchDim = int | Merged | Ragged | None
+
+
 @dataclass(eq=False)
 class Call:
     """One call of a captured module.
 
     ``leaves`` are the flattened ``(args, kwargs)`` of the call (tensors detached) with ``spec`` to rebuild
-    them; ``in_bdims`` / ``out_bdims`` give the batch dimension of each input leaf / output tensor (None where
-    it has none); ``versions`` the version counter of each input tensor when it was captured; ``arg_leaves``
-    the leaf index of each positional argument that is a single leaf. ``grads`` are the output gradients as
-    they arrived (None where none did). The capture writes these fields; rules use the methods.
+    them; ``in_bdims`` / ``out_bdims`` give the batch dimension of each input leaf / output tensor (see the
+    module docstring); ``versions`` the version counter of each input tensor when it was captured;
+    ``arg_leaves`` the leaf index of each positional argument that is a single leaf. ``grads`` are the output
+    gradients as they arrived (None where none did). The capture writes these fields; rules use the methods.
     """
 
     module: nn.Module
     batch_size: int
     leaves: list[Any]
     spec: Any
-    in_bdims: list[int | None]
+    in_bdims: list[BatchDim]
     versions: list[int | None]
-    out_bdims: list[int | None]
+    out_bdims: list[BatchDim]
     out_shapes: list[torch.Size | None]
     grads: list[Tensor | None]
     arg_leaves: list[int | None] = field(default_factory=list)
@@ -47,8 +80,8 @@ class Call:
         cls,
         module: nn.Module,
         batch_size: int,
-        inputs: Sequence[tuple[Tensor, int | None]],
-        outputs: Sequence[tuple[torch.Size, int | None]],
+        inputs: Sequence[tuple[Tensor, BatchDim]],
+        outputs: Sequence[tuple[torch.Size, BatchDim]],
     ) -> Call:
         """A call with positional tensor inputs ``(tensor, batch dim)`` and outputs ``(shape, batch dim)``
         (no gradients yet): for tests and for rules that build calls of their own."""
@@ -60,17 +93,30 @@ class Call:
 
     # inputs -----------------------------------------------------------------------------------------
     def arg(self, index: int = 0) -> Tensor:
-        """Positional input ``index`` with the batch moved to dimension 0 (expanded where it had none)."""
+        """Positional input ``index`` with the batch moved to dimension 0 (expanded where it had none; a merged
+        dimension unflattened, so ``[B, rows, ...]``)."""
         leaf = self._leaf_of_arg(index)
         return self._batch_first(self.leaves[leaf], self.in_bdims[leaf])
 
     def arg_bdim(self, index: int = 0) -> int | None:
-        """The dimension of positional input ``index`` that holds the batch, as the module received it."""
-        return self.in_bdims[self._leaf_of_arg(index)]
+        """The dimension of positional input ``index`` (as the module received it) that holds the batch, alone
+        or merged (:meth:`merged`); None where it has none."""
+        bdim = self.in_bdims[self._leaf_of_arg(index)]
+        if isinstance(bdim, Ragged):
+            raise UnsupportedModelError(bdim.reason)
+        return bdim.dim if isinstance(bdim, Merged) else bdim
 
     def arg_raw(self, index: int = 0) -> Tensor:
         """Positional input ``index`` exactly as the module received it (batch wherever it was)."""
         return self.leaves[self._leaf_of_arg(index)]
+
+    def merged(self) -> bool:
+        """Whether any captured tensor of the call holds the batch merged with other rows."""
+        return any(isinstance(d, Merged) for d in (*self.in_bdims, *self.out_bdims))
+
+    def ragged(self) -> str | None:
+        """Why an input of the call does not follow the batch (:class:`Ragged`), or None."""
+        return next((d.reason for d in self.in_bdims if isinstance(d, Ragged)), None)
 
     def bound(self, signature: inspect.Signature) -> dict[str, Any]:
         """The call's arguments bound to ``signature`` (defaults applied; the module is the first, ``self``)."""
@@ -95,9 +141,12 @@ class Call:
             self._check_version(i)
         return self.leaves
 
-    def leaf_bdims(self) -> list[int | None]:
-        """The batch dimension of each of :meth:`checked_leaves` (None for non-tensors and batch-free tensors)."""
-        return [d if isinstance(t, Tensor) else None for t, d in zip(self.leaves, self.in_bdims)]
+    def per_example_leaves(self) -> tuple[list[Any], list[int | None], list[bool]]:
+        """For mapping a function over the examples (the generic rule): each leaf prepared so that its batch is
+        one dimension (merged dimensions unflattened), that dimension (None: the same for every example), and
+        whether an example's slice needs a batch dimension of one put back (False for merged rows: the slice
+        keeps its rows)."""
+        return self._per_example(self.checked_leaves(), self.in_bdims)
 
     def rebuild(self, leaves: Sequence[Any]) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of a call with these leaves in place of the captured ones."""
@@ -109,7 +158,8 @@ class Call:
         return len(self.grads)
 
     def grad(self, index: int = 0) -> Tensor:
-        """Gradient of output tensor ``index`` with the batch at dimension 0 (zeros if none arrived)."""
+        """Gradient of output tensor ``index`` with the batch at dimension 0 (zeros if none arrived; a merged
+        dimension unflattened)."""
         g = self.grads[index]
         if g is None:
             shape = self.out_shapes[index]
@@ -117,11 +167,16 @@ class Call:
             dtype = next(t.dtype for t in self.leaves if isinstance(t, Tensor) and t.is_floating_point())
             g = torch.zeros(shape, dtype=dtype, device=next(t.device for t in self.leaves if isinstance(t, Tensor)))
         bdim = self.out_bdims[index]
+        if isinstance(bdim, Merged):
+            g, bdim = bdim.split(g, self.batch_size)
         return g if bdim in (0, None) else g.movedim(bdim, 0)
 
-    def arrived(self) -> list[tuple[int, Tensor, int | None]]:
-        """``(output index, gradient as captured, its batch dimension)`` for every output that got a gradient."""
-        return [(j, g, self.out_bdims[j]) for j, g in enumerate(self.grads) if g is not None]
+    def arrived(self) -> tuple[list[int], list[Tensor], list[int | None], list[bool]]:
+        """The outputs that got a gradient: their indices, and their gradients prepared as in
+        :meth:`per_example_leaves` with the batch dimension and the put-back flag of each."""
+        live = [j for j, g in enumerate(self.grads) if g is not None]
+        grads, dims, insert = self._per_example([self.grads[j] for j in live], [self.out_bdims[j] for j in live])
+        return live, grads, dims, insert
 
     def has_grad(self, index: int) -> bool:
         return index < len(self.grads) and self.grads[index] is not None
@@ -130,7 +185,9 @@ class Call:
         return any(g is not None for g in self.grads)
 
     def out_bdim(self, index: int = 0) -> int | None:
-        return self.out_bdims[index]
+        """The dimension of output ``index`` that holds the batch, alone or merged; None where it has none."""
+        bdim = self.out_bdims[index]
+        return bdim.dim if isinstance(bdim, Merged) else bdim
 
     def out_shape(self, index: int = 0) -> torch.Size | None:
         return self.out_shapes[index]
@@ -141,6 +198,22 @@ class Call:
         self.grads = [None] * len(self.grads)
 
     # ------------------------------------------------------------------------------------------------
+    def _per_example(self, values: Sequence[Any], bdims: Sequence[BatchDim]) -> tuple[list[Any], list[int | None], list[bool]]:
+        out, dims, insert = [], [], []
+        for t, d in zip(values, bdims):
+            if isinstance(d, Ragged):
+                raise UnsupportedModelError(d.reason)
+            if isinstance(d, Merged) and isinstance(t, Tensor):
+                t, at = d.split(t, self.batch_size)
+                out.append(t)
+                dims.append(at)
+                insert.append(False)
+            else:
+                out.append(t)
+                dims.append(d if isinstance(t, Tensor) else None)
+                insert.append(isinstance(t, Tensor) and d is not None)
+        return out, dims, insert
+
     def _leaf_of_arg(self, index: int) -> int:
         leaf = self.arg_leaves[index] if index < len(self.arg_leaves) else None
         if leaf is None or not isinstance(self.leaves[leaf], Tensor):
@@ -156,11 +229,15 @@ class Call:
                 "its per-sample gradients cannot be rebuilt from the captured input. Make that op out of place."
             )
 
-    def _batch_first(self, t: Tensor, bdim: int | None) -> Tensor:
+    def _batch_first(self, t: Tensor, bdim: BatchDim) -> Tensor:
+        if isinstance(bdim, Ragged):
+            raise UnsupportedModelError(bdim.reason)
         if bdim is None:
             if t.dim() == 0 or t.shape[0] != 1:
                 raise UnsupportedModelError(
                     f"{type(self.module).__name__}: an input has no batch dimension and cannot be broadcast over it"
                 )
             return t.expand(self.batch_size, *t.shape[1:])
+        if isinstance(bdim, Merged):
+            t, bdim = bdim.split(t, self.batch_size)
         return t if bdim == 0 else t.movedim(bdim, 0)

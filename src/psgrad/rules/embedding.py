@@ -81,6 +81,7 @@ class EmbeddingRule(Rule):
     clipped_sum: ``sum_i c_i weight_i`` as one ``index_add_`` of the ``c``-scaled gradient rows into ``[V, d]``.
     """
 
+    handles_merged = True  # row-wise: [B * T, d] is [B, T, d]
     reproduces = (nn.Embedding,)
     parameters = frozenset({"weight"})
     keeps_per_sample = False

@@ -9,9 +9,11 @@ the whole model, and it is exact wherever torch.func can differentiate the modul
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten
@@ -20,6 +22,10 @@ from ..errors import UnsupportedModelError
 from .base import Rule, put
 from .call import Call
 
+#: argument types the generic rule may pass again to a module: values that cannot hold state the module changes
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
+          type(Ellipsis), enum.Enum, torch.memory_format, torch.layout)
+
 
 class FallbackRule(Rule):
     """``g_i = vjp(functional_call(module, theta, x_i), theta)(b_i)`` for every parameter the module owns."""
@@ -27,15 +33,20 @@ class FallbackRule(Rule):
     def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
         names = list(dest)
         params = {n: module.get_parameter(n).detach() for n in names}
-        leaves = call.checked_leaves()
-        in_dims = call.leaf_bdims()
-        arrived = call.arrived()
-        live = [j for j, _, _ in arrived]
-        cotangents = [g for _, g, _ in arrived]
-        cot_dims = [d for _, _, d in arrived]
+        leaves, in_dims, in_insert = call.per_example_leaves()
+        for leaf in leaves:
+            if not isinstance(leaf, Tensor) and not isinstance(leaf, _PLAIN):
+                raise UnsupportedModelError(
+                    f"the generic rule re-runs {type(module).__name__} per example, but the call has an argument of "
+                    f"type {type(leaf).__name__}, which may hold state that the module changes (a key-value cache): "
+                    "re-running the call would see it changed and change it again. Call the model without such "
+                    "state (for transformers models: use_cache=False)"
+                )
+        live, cotangents, cot_dims, cot_insert = call.arrived()
 
         def one_example(example_leaves: list[Any], example_cots: list[Tensor]) -> dict[str, Tensor]:
-            batched = [t.unsqueeze(d) if d is not None else t for t, d in zip(example_leaves, in_dims)]
+            # each example as a batch of one at its own batch dimension (merged rows keep their rows)
+            batched = [t.unsqueeze(d) if put_back else t for t, d, put_back in zip(example_leaves, in_dims, in_insert)]
             args, kwargs = call.rebuild(batched)
 
             def f(theta: dict[str, Tensor]) -> list[Tensor]:
@@ -43,7 +54,7 @@ class FallbackRule(Rule):
                 return [outs[j] for j in live]
 
             _, pullback = vjp(f, params)
-            return pullback([c.unsqueeze(d) for c, d in zip(example_cots, cot_dims)])[0]
+            return pullback([c.unsqueeze(d) if put_back else c for c, d, put_back in zip(example_cots, cot_dims, cot_insert)])[0]
 
         try:
             grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)

@@ -19,6 +19,7 @@ class LinearRule(LinearFormRule):
     ``weight: [B, p, d] = sum_t b[:, t]^T a[:, t]`` and ``bias: [B, p] = sum_t b[:, t]``.
     """
 
+    handles_merged = True  # row-wise: [B * T, d] is [B, T, d]
     reproduces = (nn.Linear,)
     parameters = frozenset({"weight", "bias"})
 

@@ -146,7 +146,7 @@ def _batch_first_only(call: Call, min_dim: int) -> str | None:
 def _trailing_ok(call: Call, ndims: int) -> str | None:
     """The batch must lie outside the normalized (last ``ndims``) dimensions of the original input."""
     bdim = call.arg_bdim(0)
-    x = call.arg(0)
+    x = call.arg_raw(0)
     if bdim is not None and bdim >= x.dim() - ndims:
         return f"the batch (dimension {bdim}) lies inside the normalized dimensions"
     return None
@@ -222,6 +222,7 @@ class _TrailingAffineRule(Rule):
     ``weight_i = sum_r b_i[r] * x_hat_i[r]``, ``bias_i = sum_r b_i[r]``; subclasses give ``ndims`` and ``x_hat``."""
 
     parameters = frozenset({"weight", "bias"})
+    handles_merged = True  # normalizes the last dimensions of each row: [B * T, d] is [B, T, d]
 
     def ndims(self, module: nn.Module) -> int:
         raise NotImplementedError

@@ -1,0 +1,166 @@
+"""Batches merged into rows (NOTE [batches merged into rows]), parametrized weights, a parent's functional use of
+its child's weight (NOTE [hoisting to the parent]), and state the generic rule must not re-run: exact or refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_all_tasks, no_fallback
+from torch import nn
+
+import psgrad
+from psgrad import UnsupportedModelError
+
+
+def _sq(out, y):
+    return (out - y).pow(2).reshape(len(out), -1).sum(1)
+
+
+class Rows(nn.Module):
+    """LayerNorm and Linear on ``[B * T, d]`` (OPT's decoder layers), batch-major or time-major."""
+
+    def __init__(self, time_major: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 5)
+        self.time_major = time_major
+
+    def forward(self, x):  # [B, T, 4]
+        b, t, d = x.shape
+        if self.time_major:
+            h = self.fc(self.norm(x.transpose(0, 1).reshape(t * b, d)))
+            return h.view(t, b, -1).transpose(0, 1)
+        return self.fc(self.norm(x.reshape(b * t, d))).view(b, t, -1)
+
+
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-major", "time-major"])
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_row_wise_layers_on_merged_rows_are_exact(time_major, batch):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(batch)
+    x, y = torch.randn(batch, 3, 4, generator=g), torch.randn(batch, 3, 5, generator=g)
+    with no_fallback():  # the Linear and LayerNorm rules take the merged rows themselves
+        check_all_tasks(Rows(time_major).eval(), _sq, x, y)
+
+
+class Windows(nn.Module):
+    """A module with a bare parameter called on windows ``[B * W, N, C]`` (Swin): the generic rule, each example
+    seeing its own W windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(3, 3))
+        self.qkv = nn.Linear(2, 2)
+
+    def forward(self, x):  # [nB, 3, 2]
+        return torch.softmax(self.qkv(x) @ self.qkv(x).transpose(1, 2) + self.bias, -1) @ x
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.win = Windows()
+
+    def forward(self, x):  # [B, 4, 3, 2]: 4 windows per example
+        b = x.shape[0]
+        return self.win(x.reshape(b * 4, 3, 2)).view(b, 4, 3, 2)
+
+
+def test_a_generic_unit_on_merged_rows_is_exact():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    check_all_tasks(Model().eval(), _sq, torch.randn(3, 4, 3, 2, generator=g), torch.randn(3, 4, 3, 2, generator=g))
+
+
+class Constant(nn.Module):
+    """Every row of the merged tensor is the same for every example: the layout cannot be told, so it is refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):  # [B, T, 4]
+        b, t, _ = x.shape
+        rows = torch.ones(b * t, 4, dtype=x.dtype)
+        return (self.fc(rows).view(b, t, 4) * x).sum((1, 2))
+
+
+def test_a_layout_that_cannot_be_told_is_refused_never_guessed():
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(UnsupportedModelError, match="cannot be told"):
+        psgrad.per_sample_grads(Constant().eval(), lambda o, y: o, x, engine="hooks")
+    with pytest.warns(psgrad.FallbackWarning):
+        psgrad.per_sample_grads(Constant().eval(), lambda o, y: o, x)  # auto: vmap takes it
+
+
+class Parametrized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 3, 3, padding=1))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean(-1))
+
+
+def test_parametrized_weights_are_exact():
+    """weight_norm as a parametrization (wav2vec2's positional convolution): the parametrization's originals go
+    to the convolution, on the generic rule."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = Parametrized().eval()
+    check_all_tasks(model, _sq, torch.randn(4, 2, 5, generator=g), torch.randn(4, 2, generator=g))
+    assert {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(4, 2, 5), torch.randn(4, 2))}["conv"] == "generic"
+
+
+class Functional(nn.Module):
+    """A parent passes its children's weights to a function instead of calling them (torchvision's Swin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(F.linear(x, self.qkv.weight, self.qkv.bias)), self.proj.weight, self.proj.bias)
+
+
+def test_a_parent_using_its_childrens_weights_differentiates_them():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(Functional(), nn.Tanh(), nn.Linear(2, 2)).eval()
+    check_all_tasks(model, _sq, torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g))
+    rules = {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(5, 4), torch.randn(5, 2))}
+    assert rules["0"] == "generic" and rules["0.qkv"] == "(by 0)" and rules["2"] == "LinearRule"
+
+
+class Cache:
+    def __init__(self):
+        self.seen = []
+
+
+class WithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x, cache):
+        cache.seen.append(x.shape[0])
+        return x * self.scale
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = WithState()
+        self.cache = Cache()
+
+    def forward(self, x):
+        return self.inner(x, self.cache).sum(1)
+
+
+def test_the_generic_rule_does_not_re_run_calls_with_state():
+    model = Outer().eval()
+    with pytest.raises(UnsupportedModelError, match="use_cache=False"):
+        psgrad.per_sample_grads(model, lambda o, y: o, torch.randn(3, 4), engine="hooks")
