@@ -21,7 +21,8 @@ from psgrad.workloads import Workload
 
 
 class Gated(nn.Module):
-    """A parameter of its own behind a data-dependent Python branch: torch.func cannot run it per example."""
+    """A parameter of its own behind a data-dependent Python branch (torch.func cannot run it per example), used
+    by an operation that has no per-example rule for bare parameters (NOTE [bare parameters])."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -29,7 +30,7 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.abs().sum().item() >= 0:
-            return x * self.scale
+            return torch.maximum(x, self.scale)
         return x
 
 

@@ -13,6 +13,7 @@ from ..batch import LossFn
 from ..engines.plan import Trace
 from ..errors import ConsistencyError, UnsupportedModelError
 from ..rules import FALLBACK
+from ..rules.bare import BARE
 from .guard import ModelGuard
 from .run import _gc_paused
 
@@ -105,6 +106,10 @@ def _records(model, params, trace: Trace, refusal: str | None, inconsistent: dic
             rule, reason = "refused", inconsistent[path]
         elif item.rule is FALLBACK:
             rule, reason = "generic", item.reason or ""
+        elif item.rule is BARE and (record is None or record.generic_calls == record.calls):
+            # NOTE [bare parameters]: the own parameters could not be followed through any call
+            declined = sorted(set(record.declined)) if record is not None else []
+            rule, reason = "generic", "; ".join([r for r in (item.reason, *declined) if r])
         elif record is not None and record.generic_calls:
             rule = f"{item.rule.name} + generic"
             reason = f"{record.generic_calls} call(s) declined: {'; '.join(sorted(set(record.declined)))}"

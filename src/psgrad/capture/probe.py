@@ -56,6 +56,8 @@ class Layout:
     values: dict[tuple[int, int], tuple[list[Any], list[Any]]] = field(default_factory=dict)
     #: the same for a probe on the last two examples of the batch (where it has more than two)
     tail_values: dict[tuple[int, int], tuple[list[Any], list[Any]]] = field(default_factory=dict)
+    #: (unit, call) -> the operations on the unit's own parameters (NOTE [bare parameters] in psgrad.rules.bare)
+    bare_plans: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     def of_call(self, unit: int, index: int) -> tuple[Shapes, Shapes] | None:
         calls = self.shapes.get(unit, [])
@@ -144,7 +146,15 @@ def _shape_pass(model: nn.Module, batch: Batch, units: Sequence[Unit], layout: L
             if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 and t.is_floating_point():
                 leading_one.add((u, index, j))
 
-    _run(model, batch, layout.size, units, hook)
+    follow: dict | None = {} if any(unit.bare for unit in units) else None
+    _run(model, batch, layout.size, units, hook, follow=follow)
+    if follow is not None:  # NOTE [bare parameters]: the same calls at another size tell batch-free results apart
+        again: dict = {}
+        size = next(n for n in (4, 5, 6) if n not in (batch.size, layout.size))
+        _run(model, batch, size, units, lambda *a: None, follow=again)
+        from .bare import steps
+
+        layout.bare_plans = {key: steps(ops, again.get(key, [])) for key, ops in follow.items()}
     if any(keep) and batch.size > 2:  # NOTE [batches merged into rows]: the last two examples too
 
         def tail(u: int, index: int, args: tuple, kwargs: dict, output: Any) -> None:
@@ -180,10 +190,11 @@ def _expanding_hook(keys: set[OutputKey], size: int) -> Hook:
     return hook
 
 
-def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook: Hook, index: Tensor | None = None) -> Any:
+def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook: Hook, index: Tensor | None = None,
+         follow: dict | None = None) -> Any:
     """The model on ``size`` examples (repeating the batch's own) with ``hook`` on every unit's calls."""
     try:
-        with _hooked(units, hook):
+        with _hooked(units, hook, follow):
             return batch.select(torch.arange(size) % batch.size if index is None else index).call(model)
     except UnsupportedModelError:
         raise
@@ -195,22 +206,36 @@ def _run(model: nn.Module, batch: Batch, size: int, units: Sequence[Unit], hook:
 
 
 @contextlib.contextmanager
-def _hooked(units: Sequence[Unit], hook: Hook) -> Iterator[None]:
+def _hooked(units: Sequence[Unit], hook: Hook, follow: dict | None = None) -> Iterator[None]:
     """``hook`` on every call of every unit, with the call's inputs as they were *before* the module's own
-    pre-hooks (NOTE [inputs before the module's own hooks] in :mod:`psgrad.capture.record`)."""
+    pre-hooks (NOTE [inputs before the module's own hooks] in :mod:`psgrad.capture.record`); with ``follow``, the
+    operations on the own parameters of units that have them followed (:mod:`psgrad.capture.bare`), by call."""
+    from .bare import ProbeTracker
+
     counts = [0] * len(units)
-    inputs: list[list[tuple[tuple, dict]]] = [[] for _ in units]
+    inputs: list[list[tuple[tuple, dict, Any]]] = [[] for _ in units]
+    active: list[Any] = []
     handles = []
 
     def make(u: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[u].append((args, kwargs))
+            tracker = None
+            if follow is not None and units[u].bare:
+                tracker = ProbeTracker(units[u].bare)
+                tracker.__enter__()
+                active.append(tracker)
+            inputs[u].append((args, kwargs, tracker))
 
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             index = counts[u]
             counts[u] += 1
-            raw_args, raw_kwargs = inputs[u].pop()
-            return hook(u, index, raw_args, raw_kwargs, output)
+            raw_args, raw_kwargs, tracker = inputs[u].pop()
+            if tracker is not None:
+                active.remove(tracker)
+                tracker.__exit__(None, None, None)
+                follow[(u, index)] = tracker.ops
+            with torch._C.DisableTorchFunction():  # psgrad's own operations are not the model's to follow
+                return hook(u, index, raw_args, raw_kwargs, output)
 
         return pre_hook, forward_hook
 
@@ -221,6 +246,8 @@ def _hooked(units: Sequence[Unit], hook: Hook) -> Iterator[None]:
             handles.append(unit.module.register_forward_hook(forward_hook, with_kwargs=True))
         yield
     finally:
+        for tracker in reversed(active):
+            tracker.__exit__(None, None, None)
         for h in handles:
             h.remove()
 

@@ -31,6 +31,7 @@ from ..batch import Batch
 from ..errors import UnsupportedModelError
 from ..rules.call import BatchDim, Call, Merged, Ragged
 from . import merged
+from .bare import RealTracker
 from .probe import Layout, batch_dim
 from .unit import NeedsParent, Unit, flatten_call, flatten_output, tensor_args_spec
 from .uses import check_parameter_uses
@@ -50,6 +51,12 @@ class _Pending:
     pending: int = 0
     reported: bool = False
     window: tuple[int, int] = (0, 0)
+    tracker: RealTracker | None = None  # the unit's own parameters, followed (NOTE [bare parameters])
+
+    def finish(self) -> None:
+        """Hand the followed parameters' per-sample gradients to the call, before the call is handed on."""
+        if self.tracker is not None:
+            self.call.bare_grads, self.call.bare_failed = self.tracker.result()
 
 
 class Recorder:
@@ -60,7 +67,9 @@ class Recorder:
         self.layout = layout
         self.batch_size = batch_size
         self._records: list[list[_Pending]] = [[] for _ in self.units]
-        self._open: list[list[tuple[int, tuple, dict]]] = [[] for _ in self.units]
+        self._open: list[list[tuple[int, tuple, dict, RealTracker | None]]] = [[] for _ in self.units]
+        self._entered = [0] * len(self.units)
+        self._active: list[RealTracker] = []
         self._edges: list[Any] = []
         self._on_ready: OnReady | None = None
         self._error: Exception | None = None
@@ -105,6 +114,7 @@ class Recorder:
             for record in records:
                 if not record.reported and on_ready is not None:
                     record.reported = True
+                    record.finish()
                     on_ready(record.unit, record.call)
         return list(found[len(found) - len(also):]) if also else []
 
@@ -128,12 +138,27 @@ class Recorder:
                 handles.append(unit.module.register_forward_hook(self._hook(u), with_kwargs=True))
             yield
         finally:
+            for tracker in reversed(self._active):  # a forward that raised inside a followed call
+                tracker.__exit__(None, None, None)
+            self._active.clear()
             for h in handles:
                 h.remove()
 
     def _pre_hook(self, u: int) -> Callable[..., None]:
+        unit = self.units[u]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._open[u].append((self._seq(), args, kwargs))
+            with torch._C.DisableTorchFunction():  # psgrad's own operations are not the model's to follow
+                seq = self._seq()
+            tracker = None
+            if unit.bare:  # NOTE [bare parameters]
+                index = self._entered[u]
+                tracker = RealTracker(unit.bare, self.layout.bare_plans.get((u, index)), self.batch_size,
+                                      self.layout.size)
+                tracker.__enter__()
+                self._active.append(tracker)
+            self._entered[u] += 1
+            self._open[u].append((seq, args, kwargs, tracker))
 
         return hook
 
@@ -143,12 +168,17 @@ class Recorder:
 
     def _hook(self, u: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            start, raw_args, raw_kwargs = self._open[u].pop()
-            return self._record(u, start, raw_args, raw_kwargs, output)
+            start, raw_args, raw_kwargs, tracker = self._open[u].pop()
+            if tracker is not None:
+                self._active.remove(tracker)
+                tracker.__exit__(None, None, None)
+                tracker.check_outputs(flatten_output(output)[0])
+            with torch._C.DisableTorchFunction():  # psgrad's own operations are not the model's to follow
+                return self._record(u, start, raw_args, raw_kwargs, output, tracker)
 
         return hook
 
-    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any, tracker: RealTracker | None) -> Any:
         unit = self.units[u]
         index = len(unit.calls)
         probed = self.layout.of_call(u, index)
@@ -209,6 +239,12 @@ class Recorder:
                 self._edges.append(torch.autograd.graph.get_gradient_edge(t))
                 record.pending += 1
         record.window = (start, self._seq())
+        if tracker is not None:
+            record.tracker = tracker
+            record.pending += tracker.pending
+            tracker.on_boundary = lambda: self._arrived(record)
+            self._edges.extend(torch.autograd.graph.get_gradient_edge(t) for t in tracker.boundaries)
+            tracker.boundaries.clear()
         unit.calls.append(call)
         self._records[u].append(record)
         return tree_unflatten(outs, out_spec) if changed else None
@@ -254,15 +290,20 @@ class Recorder:
                 return
             if g is not None:
                 call.grads[j] = g.detach()
-            record.pending -= 1
-            if record.pending == 0 and self._on_ready is not None:
-                record.reported = True
-                try:
-                    self._on_ready(record.unit, call)
-                except Exception as exc:  # re-raised after backward, outside autograd's thread
-                    self._error = exc
+            self._arrived(record)
 
         return hook
+
+    def _arrived(self, record: _Pending) -> None:
+        """One more gradient of the call is in; with the last, the call is handed on."""
+        record.pending -= 1
+        if record.pending == 0 and self._on_ready is not None and self._error is None:
+            record.reported = True
+            try:
+                record.finish()
+                self._on_ready(record.unit, record.call)
+            except Exception as exc:  # re-raised after backward, outside autograd's thread
+                self._error = exc
 
 
 def _arg_leaves(args: tuple, spec: Any) -> list[int | None]:

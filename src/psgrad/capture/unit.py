@@ -24,6 +24,9 @@ class Unit:
     params: dict[str, nn.Parameter]
     calls: list[Call] = field(default_factory=list)
     path: str = ""  # in named_modules()
+    #: ``{local name: parameter}`` of the module's own parameters that the capture follows through its calls
+    #: (NOTE [bare parameters] in :mod:`psgrad.rules.bare`); empty for every other unit
+    bare: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
 class NeedsParent(UnsupportedModelError):

@@ -17,6 +17,7 @@ from torch import nn
 from ..capture import Unit
 from ..errors import UnsupportedModelError
 from ..rules import FALLBACK, Registry
+from ..rules.bare import BARE
 from ..rules.base import Rule
 from ..rules.call import Call
 
@@ -114,6 +115,10 @@ def plan(
     for mname, (module, rule, keep, reason) in units.items():
         label = f"{mname or type(model).__name__} ({type(module).__name__})"
         unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()}, path=mname)
+        if rule is FALLBACK and mname not in generic and all("." not in loc for loc in keep):
+            # the module's own parameters, followed through its calls (NOTE [bare parameters])
+            rule = BARE
+            unit.bare = {loc: module.get_parameter(loc) for loc in keep}
         planned.append(Planned(unit, rule, keep, reason, mname))
     return planned
 

@@ -74,6 +74,10 @@ class Call:
     out_shapes: list[torch.Size | None]
     grads: list[Tensor | None]
     arg_leaves: list[int | None] = field(default_factory=list)
+    #: for a module whose own parameters the capture followed (NOTE [bare parameters] in psgrad.rules.bare): their
+    #: per-sample gradients ``{local name: [B, *shape]}``, or None with ``bare_failed`` saying why not
+    bare_grads: dict[str, Tensor] | None = None
+    bare_failed: str | None = None
 
     @classmethod
     def of_tensors(
@@ -196,6 +200,7 @@ class Call:
         """Drop every captured tensor (the capture does this once the rules are done with the call)."""
         self.leaves = [None if isinstance(t, Tensor) else t for t in self.leaves]
         self.grads = [None] * len(self.grads)
+        self.bare_grads = None
 
     # ------------------------------------------------------------------------------------------------
     def _per_example(self, values: Sequence[Any], bdims: Sequence[BatchDim]) -> tuple[list[Any], list[int | None], list[bool]]:
