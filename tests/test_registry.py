@@ -90,7 +90,7 @@ def test_every_rule_module_is_imported_and_registers_its_rules():
     found = {m.name for m in pkgutil.iter_modules(psgrad.rules.__path__)} - psgrad.rules.INFRASTRUCTURE
     assert found == {m.__name__.rpartition(".")[2] for m in RULE_MODULES}
     assert {"attention", "conv", "embedding", "linear", "norm", "recurrent"} <= found
-    registered = {type(DEFAULT.lookup(t)) for t in DEFAULT.types()}
+    registered = {type(r) for r in DEFAULT.rules()}
     for module in RULE_MODULES:
         rules = [obj for _, obj in inspect.getmembers(module, inspect.isclass)
                  if issubclass(obj, Rule) and obj.__module__ == module.__name__ and not obj.__name__.startswith("_")]
@@ -102,8 +102,12 @@ def test_every_registered_type_has_a_property_test():
     """Some tests/test_rules_*.py file holds a hypothesis test (``@given``) and names the type."""
     files = {f.name: f.read_text() for f in Path(__file__).parent.glob("test_rules_*.py")}
     with_property_tests = {name: text for name, text in files.items() if "@given(" in text}
-    missing = [t.__name__ for t in DEFAULT.types()
-               if not any(f"nn.{t.__name__}" in text for text in with_property_tests.values())]
+    def named(t):  # a class of torch.nn, or another library's class by its qualified name
+        return f"nn.{t.__name__}" if isinstance(t, type) else f"nn.{t.rpartition('.')[2]}"
+
+    kinds = [*DEFAULT.types(), *(f"transformers.{type(r).__name__.removeprefix('HF').removesuffix('Rule')}"
+                                for _, _, r in DEFAULT.code_registrations())]
+    missing = [named(t) for t in kinds if not any(named(t) in text for text in with_property_tests.values())]
     assert not missing, f"registered types without a property test file: {missing}"
 
 

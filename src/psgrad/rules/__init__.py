@@ -29,15 +29,17 @@ def table(registry: Registry = DEFAULT) -> str:
     """The layers with fast rules in ``registry``, as a Markdown table: the layer, its rule, and what the rule
     declines (what it does not reproduce goes to the generic rule)."""
     rows = ["| layer | rule | taken by the generic rule instead |", "|---|---|---|"]
-    for t in sorted(registry.types(), key=lambda t: (t.__module__, t.__qualname__)):
-        rule = registry.lookup(t)
+    entries = [(f"`nn.{t.__qualname__}`" if isinstance(t, type) else f"`{t}`", registry.lookup_registered(t))
+               for t in registry.types()]
+    entries += [(f"any class whose `{method}` is transformers' RMSNorm's (code {digest})", rule)
+                for method, digest, rule in registry.code_registrations()]
+    for name, rule in sorted(entries, key=lambda e: (not e[0].startswith("`nn."), e[0])):
         declines = [f"subclasses that override {', '.join(f'`{m}`' for m in rule.computation)}"] if rule.computation else []
         declines.append("modules with parametrizations or hooks of their own")
         if rule.parameters is not None:
             declines.append(f"parameters other than {', '.join(f'`{p}`' for p in sorted(rule.parameters))}")
-        name = f"`{t.__module__.replace('torch.nn.modules', 'torch.nn').rsplit('.', 1)[0]}.{t.__qualname__}`"
-        if t.__module__.startswith("torch.nn"):
-            name = f"`nn.{t.__qualname__}`"
+        if rule.digests:
+            declines.append("a release whose code differs from the one the rule was written for")
         rows.append(f"| {name} | `{type(rule).__name__}` | {'; '.join(declines)} |")
     return "\n".join(rows)
 

@@ -23,6 +23,11 @@ the generic rule, exact and per module. Rules know nothing of engines or capture
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
+import inspect
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,11 +49,14 @@ class PerSample:
 
 class Rule:
     #: the classes whose computation this rule's formula is (empty: only the types it is registered for, as given)
-    reproduces: ClassVar[tuple[type[nn.Module], ...]] = ()
+    reproduces: ClassVar[tuple[type[nn.Module] | str, ...]] = ()  # a str: a class of another library, by name
     #: methods of those classes that the formula relies on; a subclass overriding one is not served
     computation: ClassVar[tuple[str, ...]] = ("forward",)
     #: the module's own parameters this rule knows (None: any); a module with others is not served
     parameters: ClassVar[frozenset[str] | None] = None
+    #: for classes of other libraries: ``{method: digest of its source}`` (:func:`source_digest`) that the
+    #: installed class must match, so that a changed release takes the generic rule instead of a stale formula
+    digests: ClassVar[dict[str, str]] = {}
     #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
     #: out_proj, whose forward is never called)
     claims_children: ClassVar[bool] = False
@@ -73,14 +81,18 @@ class Rule:
     def applicability(self, module: nn.Module) -> str | None:
         """None if this rule's formula is what ``module`` computes, else why not (see the module docstring)."""
         cls = type(module)
+        base = cls
         if self.reproduces:
-            base = next((c for c in self.reproduces if isinstance(module, c)), None)
+            base = next((c for c in cls.__mro__ if any(_is(c, r) for r in self.reproduces)), None)
             if base is None:
-                names = ", ".join(c.__name__ for c in self.reproduces)
+                names = ", ".join(r if isinstance(r, str) else r.__name__ for r in self.reproduces)
                 return f"{cls.__name__} is not a {names}"
             for method in self.computation:
                 if getattr(cls, method, None) is not getattr(base, method, None):
                     return f"{method} is overridden"
+        for method, digest in self.digests.items():
+            if source_digest(getattr(base, method, None)) != digest:
+                return f"the installed {qualified_name(base)}.{method} is not the one this rule was written for"
         unknown = sorted(n for n, p in module._parameters.items() if p is not None and not self.knows(module, n))
         if unknown:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
             return f"{cls.__name__} owns parameters {unknown} that the rule does not know"
@@ -121,6 +133,31 @@ class Rule:
         """``sum_i c_i g_i`` for each parameter in ``names``; ``cache`` is what :meth:`norm_sample` returned.
         Default: the weighted sum of the cached per-sample gradients."""
         return {n: weighted_sum(c, cache.grads[n]) for n in names}
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is(cls: type, reproduced: type | str) -> bool:
+    return cls is reproduced if isinstance(reproduced, type) else qualified_name(cls) == reproduced
+
+
+@functools.cache
+def source_digest(fn: Any) -> str | None:
+    """A digest of a function's code that ignores formatting, comments, its docstring, name and decorators (the
+    dump of its syntax tree); None where the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    node.name, node.decorator_list = "f", []
+    if node.body and isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant):
+        node.body = node.body[1:]
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
 
 
 def foreign_computation(module: nn.Module) -> str | None:

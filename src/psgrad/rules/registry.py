@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from torch import nn
 
+from .base import source_digest
+
 if TYPE_CHECKING:
     from .base import Rule
 
@@ -38,10 +40,13 @@ class Resolution:
 
 class Registry:
     def __init__(self) -> None:
-        self._rules: dict[type, Rule] = {}
+        self._rules: dict[type | str, Rule] = {}
+        self._by_code: dict[tuple[str, str], Rule] = {}
 
-    def register(self, *types: type[nn.Module], replace: bool = False) -> Callable[[R], R]:
-        """Class decorator: register an instance of the decorated rule class for ``types``.
+    def register(self, *types: type[nn.Module] | str, replace: bool = False) -> Callable[[R], R]:
+        """Class decorator: register an instance of the decorated rule class for ``types``: classes, or the
+        qualified names (``"transformers.pytorch_utils.Conv1D"``) of other libraries' classes, which are then
+        never imported.
 
         Registering a type twice is an error unless ``replace=True``.
         """
@@ -50,8 +55,23 @@ class Registry:
             rule = rule_cls() if isinstance(rule_cls, type) else rule_cls
             for t in types:
                 if t in self._rules and not replace:
-                    raise ValueError(f"a rule for {t.__name__} is already registered; pass replace=True to override")
+                    name = t if isinstance(t, str) else t.__name__
+                    raise ValueError(f"a rule for {name} is already registered; pass replace=True to override")
                 self._rules[t] = rule  # type: ignore[assignment]
+            return rule_cls
+
+        return decorator
+
+    def register_code(self, method: str, digest: str, replace: bool = False) -> Callable[[R], R]:
+        """Class decorator: register an instance of the decorated rule class for every module class (of any
+        library, found in no other way) whose ``method`` has exactly this code (:func:`~psgrad.rules.base.source_digest`):
+        for layers that many classes copy word for word (transformers' RMSNorm of Llama, Mistral, Qwen2, ...)."""
+
+        def decorator(rule_cls: R) -> R:
+            key = (method, digest)
+            if key in self._by_code and not replace:
+                raise ValueError(f"a rule for {method} with code {digest} is already registered")
+            self._by_code[key] = rule_cls() if isinstance(rule_cls, type) else rule_cls  # type: ignore[assignment]
             return rule_cls
 
         return decorator
@@ -74,16 +94,34 @@ class Registry:
     def copy(self) -> Registry:
         new = Registry()
         new._rules = dict(self._rules)
+        new._by_code = dict(self._by_code)
         return new
 
-    def types(self) -> list[type]:
+    def types(self) -> list[type | str]:
+        """The registered classes and qualified class names."""
         return list(self._rules)
+
+    def lookup_registered(self, key: type | str) -> Rule:
+        """The rule registered for exactly this class or qualified name."""
+        return self._rules[key]
+
+    def rules(self) -> list[Rule]:
+        """Every registered rule (by class, by name or by code)."""
+        return [*self._rules.values(), *self._by_code.values()]
+
+    def code_registrations(self) -> list[tuple[str, str, Rule]]:
+        """``(method, digest, rule)`` of the rules registered by code."""
+        return [(m, d, r) for (m, d), r in self._by_code.items()]
 
     def _find(self, module_type: type) -> tuple[type, Rule] | None:
         for cls in module_type.__mro__:
-            rule = self._rules.get(cls)
+            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
             if rule is not None:
                 return cls, rule
+        if self._by_code and module_type.__module__.split(".")[0] not in ("torch", "psgrad"):
+            for (method, digest), rule in self._by_code.items():
+                if source_digest(getattr(module_type, method, None)) == digest:
+                    return module_type, rule
         return None
 
 

@@ -1,0 +1,90 @@
+"""Rules for other libraries' layers (transformers' Conv1D and RMSNorm, timm's LayerNorm and LayerNorm2d) against
+the truth, and that a class whose code differs from the one a rule was written for takes the generic rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import check_all_tasks, no_fallback
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import psgrad
+from psgrad.rules import DEFAULT
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+
+def _sq(out, y):
+    return (out - y).pow(2).reshape(len(out), -1).sum(1)
+
+
+class Seq(nn.Module):
+    def __init__(self, layer: nn.Module, channels_first: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.channels_first = channels_first
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x))
+
+
+def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.pytorch_utils import Conv1D
+
+    if kind == "transformers.Conv1D":
+        layer = Conv1D(d + 1, d)
+    elif kind == "transformers.LlamaRMSNorm":
+        layer = LlamaRMSNorm(d, eps=1e-5)
+    elif kind == "timm.LayerNorm":
+        layer = timm.layers.LayerNorm(d)
+    else:  # timm.LayerNorm2d
+        layer = timm.layers.LayerNorm2d(d)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    return layer, ((d, 3, 2) if kind == "timm.LayerNorm2d" else (d,))
+
+
+@given(kind=st.sampled_from(["transformers.Conv1D", "transformers.LlamaRMSNorm", "timm.LayerNorm", "timm.LayerNorm2d"]),
+       batch=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2), d=st.integers(2, 5))
+def test_library_rules_match_truth(kind, batch, lead, d):
+    """nn.Conv1D (transformers), nn.LlamaRMSNorm, nn.LayerNorm (timm), nn.LayerNorm2d (timm)."""
+    torch.manual_seed(0)
+    layer, feature = _layer(kind, d)
+    lead = [] if kind == "timm.LayerNorm2d" else lead
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *lead, *feature, generator=g)
+    model = Seq(layer).eval()
+    y = torch.randn(model(x).shape, generator=g) * 0.5
+    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
+    with no_fallback():
+        check_all_tasks(model, _sq, x, y)
+
+
+def test_a_changed_class_takes_the_generic_rule():
+    from transformers.pytorch_utils import Conv1D
+
+    class Patched(Conv1D):  # the same name as the library's, other code
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    Patched.__module__, Patched.__qualname__ = Conv1D.__module__, "Conv1D"
+    found = DEFAULT.resolve(Patched(3, 2))
+    assert found.rule is None and "is not the one this rule was written for" in found.reason
+    torch.manual_seed(0)
+    model = Seq(Patched(3, 2)).eval()
+    g = torch.Generator().manual_seed(1)
+    check_all_tasks(model, _sq, torch.randn(4, 2, generator=g), torch.randn(4, 3, generator=g))
+
+
+def test_rms_norms_of_many_models_share_the_rule():
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    assert type(DEFAULT.resolve(MistralRMSNorm(4)).rule) is type(DEFAULT.resolve(Qwen2RMSNorm(4)).rule)
+    records = psgrad.explain(Seq(Qwen2RMSNorm(4)), _sq, torch.randn(3, 4), torch.randn(3, 4))
+    assert records[0].rule == "HFRMSNormRule"
