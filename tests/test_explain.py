@@ -55,7 +55,7 @@ def test_one_record_per_module_with_parameters():
 
 def test_a_unit_that_cannot_be_separated_goes_to_its_parent_and_explain_says_so():
     """bias_map's [1, 2, 3] output cannot be expanded over the batch (NOTE [hoisting to the parent]): its weight
-    goes to the root module, on the generic rule (exact), and explain names both."""
+    goes to the root module (exact), and explain names both."""
 
     class Positions(nn.Module):
         def __init__(self):
@@ -70,7 +70,8 @@ def test_a_unit_that_cannot_be_separated_goes_to_its_parent_and_explain_says_so(
     x = torch.randn(4, 1, 2, 3)
     records = {r.path: r for r in psgrad.explain(model, lambda o, y: o, x)}
     assert records["bias_map"].rule == "(by (root))" and records["lin"].rule == "LinearRule"
-    assert records[""].rule == "generic" and "bias_map" in records[""].reason
+    # followed through the root's call (NOTE [bare parameters]): bias_map's output meets the batch in a product
+    assert records[""].rule == "BareRule" and "bias_map" in records[""].reason
     assert records[""].parameters == ["bias_map.weight", "bias_map.bias"] and records[""].calls == 1
     got = psgrad.per_sample_grads(model, lambda o, y: o, x, engine="hooks")
     assert_close_to_truth(got, truth(model, lambda o, y: o, x))

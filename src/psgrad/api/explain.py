@@ -114,7 +114,7 @@ def _records(model, params, trace: Trace, refusal: str | None, inconsistent: dic
             rule = f"{item.rule.name} + generic"
             reason = f"{record.generic_calls} call(s) declined: {'; '.join(sorted(set(record.declined)))}"
         else:
-            rule, reason = item.rule.name, ""
+            rule, reason = item.rule.name, (item.reason or "") if item.rule is BARE else ""
         out.append(ModuleRecord(path, type(module).__name__, rule, reason, calls, seconds, mine))
     if refusal is not None and not any(r.rule == "refused" for r in out):
         out.append(ModuleRecord("", type(model).__name__, "refused", refusal, 0, 0.0, []))

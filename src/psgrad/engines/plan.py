@@ -115,8 +115,9 @@ def plan(
     for mname, (module, rule, keep, reason) in units.items():
         label = f"{mname or type(model).__name__} ({type(module).__name__})"
         unit = Unit(module, label, {name: module.get_parameter(loc) for loc, name in keep.items()}, path=mname)
-        if rule is FALLBACK and mname not in generic and all("." not in loc for loc in keep):
-            # the module's own parameters, followed through its calls (NOTE [bare parameters])
+        if rule is FALLBACK and mname not in generic:
+            # the parameters it holds (its own, or hoisted from a child), followed through its calls
+            # (NOTE [bare parameters]); the generic rule where they cannot be
             rule = BARE
             unit.bare = {loc: module.get_parameter(loc) for loc in keep}
         planned.append(Planned(unit, rule, keep, reason, mname))
