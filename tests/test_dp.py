@@ -24,6 +24,7 @@ from psgrad import PsgradError
 from psgrad.dp import (
     DPSGD,
     Accountant,
+    CounterNoise,
     PoissonSampler,
     SecureNoise,
     SeededNoise,
@@ -67,11 +68,13 @@ def _dp(model, *, q=0.25, n=40, sigma=1.3, max_norm=0.5, seed=7, lr=0.1, **kw):
                  seed=seed, **kw)
 
 
-def _noise_like(model, seed, std):
-    """The documented noise of one step: one flat seeded draw of P values, split in named_parameters order."""
+def _noise_like(model, seed, std, draw=0):
+    """The documented noise of one step: draw ``draw`` of the default CounterNoise(seed), one flat draw of P
+    values split in named_parameters order (CounterNoise's own numbers are tested below)."""
     named = list(model.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randn(sum(p.numel() for _, p in named), generator=g, dtype=named[0][1].dtype)
+    noise = CounterNoise(seed)
+    noise.draws = draw
+    flat = noise.standard_normal((sum(p.numel() for _, p in named),), named[0][1].dtype, torch.device("cpu"))
     parts = flat.split([p.numel() for _, p in named])
     return {n: std * z.view(p.shape) for (n, p), z in zip(named, parts)}
 

@@ -156,6 +156,7 @@ def clipped_grad_sum(
     clipping: str = "flat",
     gamma: float = 0.01,
     return_norms: bool = False,
+    return_losses: bool = False,
     check: bool | None = None,
     **engine_options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
@@ -171,10 +172,11 @@ def clipped_grad_sum(
             ``C / sqrt(G)``, so the total norm stays <= C); ``"automatic"``: ``c_i = C / (||g_i|| + gamma)``.
         gamma (float): the stabiliser of automatic clipping. Default: 0.01.
         return_norms (bool): also return the per-sample norms ``[B]`` (before clipping, float64).
+        return_losses (bool): also return the per-sample losses ``[B]``.
 
     Returns:
-        ``{name: Tensor[*param.shape]}``, the clipped sum (not divided by B), and with ``return_norms``
-        a tuple ``(sums, norms)``.
+        ``{name: Tensor[*param.shape]}``, the clipped sum (not divided by B); with ``return_norms`` and/or
+        ``return_losses``, a tuple of it and those, in that order (``(sums, norms, losses)``).
 
     Example::
 
@@ -185,8 +187,9 @@ def clipped_grad_sum(
     where = "clipped_grad_sum"
     batch, chosen = _prepare(model, inputs, targets, params, where)
     clip = ClipSpec.make(clipping, max_norm, gamma, parameter_groups(model, chosen), where)
-    sums, norms, _ = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options, check, clip=clip)
-    return (sums, norms) if return_norms else sums
+    sums, norms, losses = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options, check, clip=clip)
+    extra = (norms,) * return_norms + (losses,) * return_losses
+    return (sums, *extra) if extra else sums
 
 
 def explain(

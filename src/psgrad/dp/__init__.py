@@ -2,19 +2,22 @@
 
 from .accounting import Accountant, dp_event, epsilon_for, noise_multiplier_for
 from .checkpoint import load_checkpoint, save_checkpoint
-from .noise import NoiseSource, SecureNoise, SeededNoise, secure_normal
+from .distributed import World
+from .noise import CounterNoise, NoiseSource, SecureNoise, SeededNoise, secure_normal
 from .optimizer import DPSGD, StepRecord
 from .sampling import EmptySafeCollate, PoissonSampler, poisson_loader
 
 __all__ = [
     "DPSGD",
     "Accountant",
+    "CounterNoise",
     "EmptySafeCollate",
     "NoiseSource",
     "PoissonSampler",
     "SecureNoise",
     "SeededNoise",
     "StepRecord",
+    "World",
     "dp_event",
     "epsilon_for",
     "load_checkpoint",

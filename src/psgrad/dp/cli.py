@@ -1,10 +1,12 @@
-"""``psgrad train``: DP-SGD on scikit-learn's digits with a small GroupNorm convnet.
+"""``psgrad train``: DP-SGD on scikit-learn's digits with a small GroupNorm convnet, or on the user's model and data.
 
 The noise multiplier comes from the target epsilon, the Poisson sample rate q = batch size / N and the
 number of steps (epochs x round(1 / q)); every epoch prints the test loss, the test accuracy and the epsilon
 spent so far, accounted for the Poisson sampling actually used. ``--non-private`` trains the same model on
 the same batches without clipping or noise; ``--peer opacus`` trains it a second time with Opacus's
-PrivacyEngine doing the DP step (same batches, bounds, noise multiplier and accountant).
+PrivacyEngine doing the DP step (same batches, bounds, noise multiplier and accountant). ``--model`` and ``--data``
+name the user's own model and datasets; ``--world-size N`` trains on N processes (or run it under torchrun), with
+the same result as one process (NOTE [distributed DP-SGD]).
 
 This module parses and checks the options and writes the outputs; the training itself is in
 :mod:`psgrad.dp.trainers`.
@@ -24,7 +26,9 @@ import torch
 from ..clipping import MODES as CLIPPING
 from ..errors import MissingDependencyError, PsgradError
 from .accounting import METHODS, noise_multiplier_for
-from .digits import convnet, load_digits
+from .digits import user_task
+from .distributed import World
+from .launch import check_world, run_under_torchrun, spawn, under_torchrun
 from .trainers import DEFAULT_EPSILON, Reporter, Run, run_nonprivate, run_opacus, run_psgrad
 
 EXAMPLES = """examples:
@@ -33,6 +37,9 @@ EXAMPLES = """examples:
   psgrad train --non-private                     # the same model and batches, no clipping, no noise
   psgrad train --peer opacus                     # psgrad, then Opacus with identical settings
   psgrad train --checkpoint run.pt               # save after every epoch; later: --resume run.pt
+  psgrad train --world-size 2                    # the same run on two processes (gloo)
+  torchrun --nproc-per-node 2 -m psgrad train    # the same, started by torchrun
+  psgrad train --model mypkg.models:net --data mypkg.data:splits   # your model, your (train, test) datasets
 """
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -49,7 +56,8 @@ def _positive(kind: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="psgrad train",
-        description="DP-SGD on scikit-learn's digits (8x8 images) with a GroupNorm convnet.",
+        description="DP-SGD on scikit-learn's digits (8x8 images) with a GroupNorm convnet, or on your own model "
+                    "and data, in one process or several.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -78,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads (default 1: the convnet is small, and extra threads mostly wait)")
     p.add_argument("--seed", type=int, default=0, help="model, sampling and noise seed (default 0)")
     p.add_argument("--width", type=_positive(int), default=16, help="convnet width (default 16)")
+    p.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                   help="a function of no arguments returning the nn.Module to train (default: the digits convnet); "
+                        "the current folder is importable")
+    p.add_argument("--data", default=None, metavar="MODULE:FUNCTION",
+                   help="a function of no arguments returning (train, test) map-style datasets of (input, int label) "
+                        "(default: digits)")
+    p.add_argument("--world-size", type=_positive(int), default=1,
+                   help="train on this many local processes, gloo, one rank each (default 1)")
+    p.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="fail a distributed run whose ranks wait this long for each other (default 600)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save the run here after every epoch")
     p.add_argument("--resume", default=None, metavar="PATH", help="continue the run saved in this checkpoint")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write per-epoch records here")
@@ -114,6 +132,7 @@ def _check(args: argparse.Namespace) -> None:
         raise PsgradError(f"{where}: --peer opacus does not split batches; drop --physical-batch-size")
     if (args.checkpoint or args.resume) and args.non_private:
         raise PsgradError(f"{where}: --checkpoint/--resume save DP-SGD runs; drop --non-private")
+    check_world(args)
 
 
 def _plot(path: str, runs: list[Run], title: str) -> None:
@@ -145,25 +164,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
+        try:
+            _check(args)
+        except PsgradError as exc:
+            print(f"error: {exc}")
+            return 2
+        if under_torchrun():
+            return run_under_torchrun(_main, args)
+        if args.world_size > 1:
+            return spawn(_main, args)
         return _main(args)
     finally:
         torch.set_num_threads(threads)
 
 
 def _main(args: argparse.Namespace) -> int:
-    report = Reporter()
+    world = World.of()
+    report = Reporter(quiet=world.rank != 0)
     try:
-        _check(args)
         torch.set_num_threads(args.threads)
-        data = load_digits()
-        n = len(data.y_train)
+        task = user_task(args.model, args.data, args.width)
+        n = len(task.train)
         q = min(1.0, args.batch_size / n)
         steps_per_epoch = max(1, round(1 / q))
         total = steps_per_epoch * args.epochs
-        params = sum(p.numel() for p in convnet(args.width).parameters())
-        report.print(f"psgrad train: digits ({n} train / {len(data.y_test)} test), convnet with {params:,} "
-                     f"parameters, q = {q:.4f} (expected batch {q * n:.0f}), {steps_per_epoch} steps/epoch x "
-                     f"{args.epochs} epochs = {total} steps")
+        torch.manual_seed(args.seed)
+        params = sum(p.numel() for p in task.make_model().parameters())
+        ranks = f" on {world.size} processes" if world.distributed else ""
+        report.print(f"psgrad train: {task.name}, {params:,} parameters{ranks}, q = {q:.4f} (expected batch "
+                     f"{q * n:.0f}), {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total} steps")
         sigma = None
         if args.noise_multiplier is not None:
             sigma = args.noise_multiplier
@@ -178,24 +207,32 @@ def _main(args: argparse.Namespace) -> int:
                          f"momentum {args.momentum:g}, {'secure' if args.secure_noise else 'seeded'} noise")
         runs: list[Run] = []
         if args.non_private:
-            runs.append(run_nonprivate(args, data, q, report))
+            runs.append(run_nonprivate(args, task, q, report))
         else:
-            runs.append(run_psgrad(args, data, q, sigma, report))
+            runs.append(run_psgrad(args, task, q, sigma, report))
             if args.peer == "opacus":
-                runs.append(run_opacus(args, data, q, sigma, report))
+                runs.append(run_opacus(args, task, q, sigma, report))
     except (PsgradError, MissingDependencyError) as exc:
         report.print(f"error: {exc}")
         return 2
+    if world.rank != 0:  # rank 0 speaks and writes for the group
+        return 0
     for run in runs:
         f = run.final
         eps = "inf" if f["epsilon"] == math.inf else f"{f['epsilon']:.3f}"
         report.print(f"final {run.name:>11}: test accuracy {100 * f['test_accuracy']:.2f}% at eps {eps} "
                      f"(delta {args.delta:g}) after {f['steps']} steps, {run.seconds:.1f} s")
     if args.json_path:
+        main_run = runs[0]  # the top level: psgrad's run (or the non-private one)
         doc = {
             "command": "psgrad train",
+            "world_size": world.size,
+            "epsilon": main_run.final["epsilon"],
+            "test_accuracy": main_run.final["test_accuracy"],
+            "params_l2": main_run.params_l2,
+            "loss": main_run.losses,
             "settings": {**vars(args), "sample_rate": q, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                         "noise_multiplier": sigma, "train_size": n, "test_size": len(data.y_test)},
+                         "noise_multiplier": sigma, "train_size": n, "test_size": len(task.test), "task": task.name},
             "machine": {"platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads()},
             "runs": [r.to_dict() for r in runs],
@@ -203,13 +240,14 @@ def _main(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as f:
             json.dump(_finite(doc), f, indent=2, allow_nan=False)
     if args.plot:
+        name = "digits" if args.model is None and args.data is None else "your task"
         if sigma is None:
-            title = "digits, non-private"
+            title = f"{name}, non-private"
         elif args.noise_multiplier is None:
             target = DEFAULT_EPSILON if args.epsilon is None else args.epsilon
-            title = f"digits: target eps {target:g} at delta {args.delta:g}, noise multiplier {sigma:.3g}"
+            title = f"{name}: target eps {target:g} at delta {args.delta:g}, noise multiplier {sigma:.3g}"
         else:
-            title = f"digits: noise multiplier {sigma:.3g}, delta {args.delta:g}"
+            title = f"{name}: noise multiplier {sigma:.3g}, delta {args.delta:g}"
         _plot(args.plot, runs, title)
     return 0
 

@@ -1,11 +1,20 @@
-"""The ``psgrad train`` task: scikit-learn's digits (1797 8x8 images, bundled, no download) and a small convnet."""
+"""The ``psgrad train`` tasks: scikit-learn's digits (1797 8x8 images, bundled, no download) with a small convnet,
+the default; or the user's own model and data, given as ``package.module:function``."""
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..errors import PsgradError
 
 TEST_SIZE = 360  # of 1797: 1437 train, 360 test, stratified, split seed 0
 
@@ -56,15 +65,82 @@ def convnet(width: int = 16) -> nn.Sequential:
     )
 
 
+@dataclass(frozen=True)
+class Task:
+    """What ``psgrad train`` trains: a model factory (called with the run's seed set) and map-style datasets of
+    ``(input tensor, int label)``, trained with per-example cross-entropy."""
+
+    name: str
+    make_model: Callable[[], nn.Module]
+    train: Dataset
+    test: Dataset
+
+
+def digits_task(width: int = 16) -> Task:
+    data = load_digits()
+    return Task(f"digits ({len(data.y_train)} train / {len(data.y_test)} test), convnet",
+                lambda: convnet(width), TensorDataset(data.x_train, data.y_train),
+                TensorDataset(data.x_test, data.y_test))
+
+
+def _resolve(spec: str, what: str) -> Callable[[], Any]:
+    """``package.module:function``, imported."""
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise PsgradError(f"psgrad train: --{what} must be package.module:function, got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: the current folder is importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise PsgradError(f"psgrad train: cannot import --{what} {spec!r}: {exc}") from exc
+    if not callable(fn):
+        raise PsgradError(f"psgrad train: --{what} {spec!r} is not a function")
+    return fn
+
+
+def user_task(model: str | None, data: str | None, width: int = 16) -> Task:
+    """The task of ``--model`` (a function of no arguments returning an nn.Module) and ``--data`` (one returning
+    ``(train, test)`` datasets); either may be left to the digits default."""
+    if model is None and data is None:
+        return digits_task(width)
+    base = digits_task(width) if (model is None or data is None) else None
+    make = base.make_model if model is None else _resolve(model, "model")
+    if data is None:
+        train, test = base.train, base.test
+    else:
+        found = _resolve(data, "data")()
+        if not (isinstance(found, (tuple, list)) and len(found) == 2):
+            raise PsgradError(f"psgrad train: --data {data!r} must return (train, test) datasets")
+        train, test = found
+        for name, ds in (("train", train), ("test", test)):
+            if not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__") or len(ds) == 0:
+                raise PsgradError(f"psgrad train: the {name} dataset of --data {data!r} is not a non-empty "
+                                  "map-style dataset")
+
+    def checked() -> nn.Module:
+        m = make()
+        if not isinstance(m, nn.Module):
+            raise PsgradError(f"psgrad train: --model {model!r} returned {type(m).__name__}, not an nn.Module")
+        return m
+
+    return Task(f"{model or 'convnet'} on {data or 'digits'} ({len(train)} train / {len(test)} test)",
+                checked, train, test)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)``, in eval mode (the mode is restored)."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset``, in eval mode (the mode is restored)."""
     was_training = model.training
     model.eval()
+    total = correct = 0.0
+    count = 0
     try:
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y).item()
-        accuracy = (logits.argmax(1) == y).double().mean().item()
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            logits = model(x)
+            total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += float((logits.argmax(1) == y).sum())
+            count += len(y)
     finally:
         model.train(was_training)
-    return loss, accuracy
+    return total / count, correct / count

@@ -31,7 +31,8 @@ from ..batch import Batch
 from ..clipping import ClipSpec
 from ..errors import PsgradError
 from .accounting import Accountant, check_method, check_noise_multiplier
-from .noise import NoiseSource, SecureNoise, SeededNoise
+from .distributed import World, unwrap
+from .noise import CounterNoise, NoiseSource, SecureNoise
 from .sampling import check_sample_rate
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class StepRecord:
     examples: int
     clipped: int
     noise_std: float
+    loss: float = math.nan  # the mean training loss over the logical batch, before the update (NaN if empty)
 
     @property
     def clipped_fraction(self) -> float:
@@ -89,13 +91,18 @@ class DPSGD:
         clipping (str): ``"flat"``, ``"per_layer"`` or ``"automatic"``, as in :func:`psgrad.clipped_grad_sum`.
             Default: ``"flat"``.
         gamma (float): stabiliser of automatic clipping. Default: 0.01.
-        noise (NoiseSource, optional): default: :class:`~psgrad.dp.SeededNoise` with ``seed``, or
+        noise (NoiseSource, optional): default: :class:`~psgrad.dp.CounterNoise` with ``seed``, or
             :class:`~psgrad.dp.SecureNoise` with ``secure=True``.
         seed (int, optional): seed of the default noise generator. Default: drawn from the OS.
         secure (bool): use :class:`~psgrad.dp.SecureNoise`. Default: False.
         accountant (str | Accountant): ``"rdp"``, ``"pld"`` or an :class:`~psgrad.dp.Accountant` to continue.
             Default: ``"rdp"``.
         engine (str): psgrad engine for the clipped sums. Default: ``"auto"``.
+        group (ProcessGroup, optional): train with the processes of this group (NOTE [distributed DP-SGD] in
+            :mod:`psgrad.dp.distributed`); default: the initialized default group, if any. Each rank feeds its
+            share of every logical batch (a :func:`~psgrad.dp.poisson_loader` given the same ``world``); the
+            clipped sums are summed over the ranks before the one noise draw, the parameters are rank 0's at the
+            start and stay identical. A DistributedDataParallel-wrapped model is unwrapped.
 
     Example::
 
@@ -124,8 +131,10 @@ class DPSGD:
         secure: bool = False,
         accountant: str | Accountant = "rdp",
         engine: str = "auto",
+        group: Any = None,
     ) -> None:
         where = "DPSGD"
+        model = unwrap(model) if isinstance(model, nn.Module) else model
         if not isinstance(model, nn.Module):
             raise PsgradError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -150,7 +159,13 @@ class DPSGD:
             raise PsgradError(f"{where}: pass noise, or seed/secure, not both")
         if secure and seed is not None:
             raise PsgradError(f"{where}: secure noise cannot be seeded; drop seed or secure")
-        self.noise: NoiseSource = noise or (SecureNoise() if secure else SeededNoise(seed))
+        self.noise: NoiseSource = noise or (SecureNoise() if secure else CounterNoise(seed))
+        self.world = World.of(group)
+        if self.world.distributed:  # NOTE [distributed DP-SGD]: start from rank 0's parameters and buffers
+            with torch.no_grad():
+                self.world.broadcast_([*model.parameters(), *model.buffers()])
+            if isinstance(self.noise, CounterNoise):  # rank 0's seed: the same noise on every rank, also unseeded
+                self.noise.seed = self.world.broadcast_u64(self.noise.seed)
         if isinstance(accountant, Accountant):
             self.accountant = accountant
         else:
@@ -161,6 +176,7 @@ class DPSGD:
         self._examples = 0
         self._clipped = 0
         self._physical = 0
+        self._losses: list[float] = []
 
     # -- one logical step ------------------------------------------------------------------------------
     def accumulate(self, inputs: Any, targets: Tensor | None) -> int:
@@ -177,10 +193,12 @@ class DPSGD:
         self._physical += 1
         if size == 0:
             return 0
-        sums, norms = psgrad.clipped_grad_sum(
+        sums, norms, losses = psgrad.clipped_grad_sum(
             self.model, self.loss_fn, inputs, targets, self.max_norm, engine=self.engine,
             params=list(self.params), clipping=self.clipping, gamma=self.gamma, return_norms=True,
+            return_losses=True,
         )
+        self._losses.extend(losses.detach().double().tolist())
         for name, s in sums.items():
             self._sums[name] = self._sums[name] + s if name in self._sums else s
         if self.clipping == "automatic":
@@ -198,32 +216,55 @@ class DPSGD:
         Ends the logical batch started by :meth:`accumulate` (with no call at all, the batch is empty and
         the step is noise only).
 
+        In a distributed run every rank calls it once per logical step, also with an empty share: the clipped
+        sums, sizes and counts are summed over the ranks first (NOTE [distributed DP-SGD]).
+
         Returns:
-            StepRecord: the step's number, size and clipped count.
+            StepRecord: the step's number, size (the whole logical batch) and clipped count.
         """
+        examples, clipped, loss = self._examples, self._clipped, math.fsum(self._losses)  # exact: any split
+        totals: dict[str, Tensor] = {}
         for name, z in self._draw_noise().items():
             total = z.mul_(self.noise_std)
             if name in self._sums:
                 total = total.add_(self._sums[name].to(total.dtype))
+            totals[name] = total
+        if self.world.distributed:  # every rank's sums and share of the one noise draw, summed
+            examples, clipped, loss = self.world.sum_(list(totals.values()), [examples, clipped, loss])
+            examples, clipped = int(examples), int(clipped)
+        for name, total in totals.items():
             self.params[name].grad = total.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(self.sample_rate, self.noise_multiplier)
         self.steps += 1
-        record = StepRecord(self.steps, self._examples, self._clipped, self.noise_std)
+        record = StepRecord(self.steps, examples, clipped, self.noise_std, loss / examples if examples else math.nan)
         self.records.append(record)
         log.debug("DP-SGD step %d: %d examples, %d clipped", record.step, record.examples, record.clipped)
-        self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
+        self._sums, self._examples, self._clipped, self._physical, self._losses = {}, 0, 0, 0, []
         return record
 
     def _draw_noise(self) -> dict[str, Tensor]:
-        """Standard normal noise for every parameter: one flat draw per (dtype, device), split in order."""
+        """Standard normal noise for every parameter: one flat draw per (dtype, device), split in order.
+
+        In a distributed run each rank returns its share of the one draw and zeros elsewhere, so that the sum
+        over the ranks holds every number once (NOTE [distributed DP-SGD]): :class:`CounterNoise` positions by
+        blocks (``CounterNoise.standard_normal(part=...)``), any other source all on rank 0.
+        """
         groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
         for name, p in self.params.items():
             groups.setdefault((p.dtype, p.device), []).append(name)
         noise: dict[str, Tensor] = {}
         for (dtype, device), names in groups.items():
             sizes = [self.params[n].numel() for n in names]
-            flat = self.noise.standard_normal((sum(sizes),), dtype, device)
+            shape = (sum(sizes),)
+            if not self.world.distributed:
+                flat = self.noise.standard_normal(shape, dtype, device)
+            elif isinstance(self.noise, CounterNoise):
+                flat = self.noise.standard_normal(shape, dtype, device, part=(self.world.rank, self.world.size))
+            elif self.world.rank == 0:
+                flat = self.noise.standard_normal(shape, dtype, device)
+            else:
+                flat = torch.zeros(shape, dtype=dtype, device=device)
             for name, part in zip(names, flat.split(sizes)):
                 noise[name] = part.view(self.params[name].shape)
         return noise
@@ -277,7 +318,7 @@ class DPSGD:
         self.noise.load_state_dict(state["noise"])
         self.steps = int(state["steps"])
         self.records = [StepRecord(**r) for r in state["records"]]
-        self._sums, self._examples, self._clipped, self._physical = {}, 0, 0, 0
+        self._sums, self._examples, self._clipped, self._physical, self._losses = {}, 0, 0, 0, []
 
 
 # ---------------------------------------------------------------------------------------------------

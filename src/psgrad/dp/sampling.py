@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import PsgradError
+from .distributed import World
 from .noise import secure_uniform
 
 
@@ -51,6 +52,12 @@ class PoissonSampler(Sampler[list[int]]):
         seed (int, optional): seed of a new ``torch.Generator``. Default: a seed drawn from the OS.
         generator (torch.Generator, optional): use this CPU generator instead of a new one.
         secure (bool): draw from ``os.urandom`` instead of a generator. Default: False.
+        world (World, optional): in a distributed run (NOTE [distributed DP-SGD]), rank 0 draws each batch
+            over all N examples and broadcasts the selected indices, and every rank yields its share of them;
+            ``last_global_size`` is then the size of the whole batch and ``last_share`` this rank's part of it.
+            Only rank 0's generator draws, so its state is the one to save (and every rank loads it). Default: ``World.of()``, the
+            processes of torch.distributed's default group when it is initialized (as
+            :class:`~psgrad.dp.DPSGD` assumes), else one process; ``World.local()`` samples for this process alone.
 
     Example::
 
@@ -68,8 +75,12 @@ class PoissonSampler(Sampler[list[int]]):
         seed: int | None = None,
         generator: torch.Generator | None = None,
         secure: bool = False,
+        world: World | None = None,
     ) -> None:
         where = "PoissonSampler"
+        self.world = World.of() if world is None else world
+        self.last_global_size = 0
+        self.last_share: list[int] = []
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
             raise PsgradError(f"{where}: num_examples must be a positive int (the dataset size), got {num_examples!r}")
         self.num_examples = num_examples
@@ -107,11 +118,21 @@ class PoissonSampler(Sampler[list[int]]):
         self.position = 0
 
     def _draw(self) -> list[int]:
+        if self.world.distributed:  # NOTE [distributed DP-SGD]: rank 0 draws for every rank
+            selected = self.world.broadcast_indices(self._mask().tolist() if self.world.rank == 0 else None)
+        else:
+            selected = self._mask().tolist()
+        self.last_global_size = len(selected)
+        self.last_share = self.world.share(selected)
+        return self.last_share
+
+    def _mask(self) -> Tensor:
+        """The selected indices of one Poisson draw over all N examples."""
         if self.secure:
             u = secure_uniform(self.num_examples)
         else:
             u = torch.rand(self.num_examples, generator=self.generator, dtype=torch.float64)
-        return torch.nonzero(u < self.sample_rate).flatten().tolist()
+        return torch.nonzero(u < self.sample_rate).flatten()
 
     def state_dict(self) -> dict[str, Any]:
         """The generator state and the position within the current pass."""
@@ -178,6 +199,7 @@ def poisson_loader(
     generator: torch.Generator | None = None,
     secure: bool = False,
     collate_fn: Callable[[list[Any]], Any] | None = None,
+    world: World | None = None,
     **loader_options: Any,
 ) -> DataLoader:
     """A DataLoader drawing Poisson-sampled batches, empty batches included as size-0 tensors.
@@ -185,7 +207,8 @@ def poisson_loader(
     Args:
         dataset (Dataset): a map-style dataset with ``len``.
         sample_rate (float): inclusion probability q in (0, 1]; the expected batch size is q x len(dataset).
-        steps, seed, generator, secure: as in :class:`PoissonSampler`.
+        steps, seed, generator, secure, world: as in :class:`PoissonSampler` (a distributed run: each rank's
+            loader yields its share of every global batch).
         collate_fn (Callable, optional): the collate function for non-empty batches. Default:
             ``default_collate``.
         **loader_options: other DataLoader options (``num_workers``, ``pin_memory``...). ``batch_size``,
@@ -208,7 +231,7 @@ def poisson_loader(
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError as exc:
         raise PsgradError(f"{where}: the dataset must have a length (a map-style dataset)") from exc
-    sampler = PoissonSampler(n, sample_rate, steps=steps, seed=seed, generator=generator, secure=secure)
+    sampler = PoissonSampler(n, sample_rate, steps=steps, seed=seed, generator=generator, secure=secure, world=world)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=EmptySafeCollate(dataset, collate_fn),
                       **loader_options)
 
