@@ -73,7 +73,8 @@ def _noise_like(model, seed, std, draw=0):
     values split in named_parameters order (CounterNoise's own numbers are tested below)."""
     named = list(model.named_parameters())
     noise = CounterNoise(seed)
-    noise.draws = draw
+    total = sum(p.numel() for _, p in named)
+    noise.blocks = draw * -(-total // noise.BLOCK)  # the blocks of the earlier draws
     flat = noise.standard_normal((sum(p.numel() for _, p in named),), named[0][1].dtype, torch.device("cpu"))
     parts = flat.split([p.numel() for _, p in named])
     return {n: std * z.view(p.shape) for (n, p), z in zip(named, parts)}
@@ -239,6 +240,71 @@ def test_seeded_noise_state_roundtrip():
     b = SeededNoise(seed=0)
     b.load_state_dict(state)
     assert torch.equal(b.standard_normal((10,), torch.float32, torch.device("cpu")), expected)
+
+
+def _mix32_reference(x: int) -> int:
+    """lowbias32 (C. Wellons' hash-prospector), written out again from its definition."""
+    x = x % 2**32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) % 2**32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) % 2**32
+    return x ^ (x >> 16)
+
+
+def _splitmix64_reference(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) % 2**64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
+
+
+def test_counter_noise_is_its_documented_function():
+    """Block b of the run is torch.randn of a generator seeded with mix32(splitmix64(seed) + b)."""
+    noise = CounterNoise(seed=123)
+    noise.BLOCK = 5
+    first = noise.standard_normal((12,), torch.float64, torch.device("cpu"))  # blocks 0, 1, 2
+    second = noise.standard_normal((3, 2), torch.float64, torch.device("cpu"))  # blocks 3, 4
+    assert (noise.draws, noise.blocks) == (2, 5)
+    base = _splitmix64_reference(123)
+
+    def block(b, n):
+        return torch.randn(n, generator=torch.Generator().manual_seed(_mix32_reference(base + b)), dtype=torch.float64)
+
+    assert torch.equal(first, torch.cat([block(0, 5), block(1, 5), block(2, 2)]))
+    assert torch.equal(second.flatten(), torch.cat([block(3, 5), block(4, 1)]))
+
+
+def test_counter_noise_block_seeds_never_repeat_within_a_run():
+    """torch's CPU generator uses 32 bits of a seed: block seeds must be distinct 32-bit values, which a
+    bijection of the block number gives (checked on the first 2**20 blocks, and on both ends of the range)."""
+    base = _splitmix64_reference(7)
+    seeds = {_mix32_reference(base + b) for b in range(1 << 20)}
+    assert len(seeds) == 1 << 20
+    ends = [_mix32_reference(base + b) for b in (*range(1000), *range(2**32 - 1000, 2**32))]
+    assert len(set(ends)) == len(ends)
+    noise = CounterNoise(seed=7)
+    noise.blocks = CounterNoise.MAX_BLOCKS - 1
+    with pytest.raises(PsgradError, match="at most"):
+        noise.standard_normal((2 * noise.BLOCK,), torch.float32, torch.device("cpu"))
+
+
+def test_counter_noise_distribution_and_resume():
+    noise = CounterNoise(seed=1)
+    noise.BLOCK = 1000
+    z = torch.cat([noise.standard_normal((30_000,), torch.float64, torch.device("cpu")) for _ in range(4)])
+    n = z.numel()
+    assert abs(z.mean().item()) <= Z / math.sqrt(n)
+    assert abs((z**2).mean().item() - 1) <= Z * math.sqrt(2 / n)
+    # neighbouring blocks and draws are not copies or shifts of one another: correlation of independent
+    # normals over m pairs is N(0, 1/m)
+    pairs = [(z[:1000], z[1000:2000]), (z[:30_000], z[30_000:60_000])]
+    for a, b in pairs:
+        assert abs(float((a * b).mean())) <= Z / math.sqrt(a.numel())
+    state = noise.state_dict()
+    expected = noise.standard_normal((2500,), torch.float32, torch.device("cpu"))
+    again = CounterNoise(seed=99)
+    again.BLOCK = 1000
+    again.load_state_dict(state)
+    assert torch.equal(again.standard_normal((2500,), torch.float32, torch.device("cpu")), expected)
 
 
 # -- accounting --------------------------------------------------------------------------------------

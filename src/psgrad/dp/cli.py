@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, metavar="MODULE:FUNCTION",
                    help="a function of no arguments returning (train, test) map-style datasets of (input, int label) "
                         "(default: digits)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="the model's and inputs' dtype (default float32; float64 makes runs on different world "
+                        "sizes or thread counts agree to about 1e-12 over a whole run)")
     p.add_argument("--world-size", type=_positive(int), default=1,
                    help="train on this many local processes, gloo, one rank each (default 1)")
     p.add_argument("--collective-timeout", type=float, default=600.0, metavar="SECONDS",

@@ -136,8 +136,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1024) -> tupl
     total = correct = 0.0
     count = 0
     try:
+        dtype = next(model.parameters()).dtype
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            logits = model(x)
+            logits = model(x.to(dtype) if x.is_floating_point() else x)
             total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += float((logits.argmax(1) == y).sum())
             count += len(y)

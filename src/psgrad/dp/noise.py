@@ -98,15 +98,33 @@ def _mix(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class CounterNoise:
-    """Standard normal noise as a function of ``(seed, draw, position)`` alone: the default of DP-SGD.
+def _mix32(x: int) -> int:
+    """A bijection of 32-bit integers that spreads every input bit over the output: lowbias32 of C. Wellons'
+    hash-prospector (xorshift-multiply rounds with odd constants, each step invertible, so distinct inputs stay
+    distinct)."""
+    x &= 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
-    NOTE [noise independent of the world size]: draw d of a run (one per logical step, per dtype and device of
-    the parameters) is cut into blocks of ``BLOCK`` positions; block k is ``torch.randn`` of a generator seeded
-    with ``mix(seed, d, k)`` (SplitMix64). The numbers then depend on the seed, the draw and the position only:
-    not on what was drawn before in the process, nor on how many processes train together, so every rank of a
-    distributed run draws the same noise, which is the one draw of a one-process run; and a resumed run needs
-    only ``(seed, draw)``. Like :class:`SeededNoise` it is reproducible, not secure.
+
+class CounterNoise:
+    """Standard normal noise as a function of ``(seed, block, position)`` alone: the default of DP-SGD.
+
+    NOTE [noise independent of the world size]: every draw (one per logical step, per dtype and device of the
+    parameters) is cut into blocks of ``BLOCK`` positions, numbered on through the run (block b of the run is
+    position ``b mod`` the draw's blocks of some draw); block b is ``torch.randn`` of a fresh generator seeded
+    with ``mix32(base + b)``, ``base`` made from the seed. The numbers then depend on the seed and on where they
+    are in the run only: not on what else the process drew, nor on how many processes train together. So the W
+    ranks of a distributed run can each generate some blocks of a draw (``part``) and their parts add up to the
+    draw of a one-process run, number for number; and a resumed run needs only ``(seed, blocks)``.
+
+    torch's CPU generator takes 32 bits of its seed, so block seeds are 32-bit; ``mix32`` is a bijection, so
+    within a run no two of its first 2**32 blocks (4.5e15 numbers) share a seed, and none repeats another's
+    noise (random 32-bit seeds would collide after some 2**16 blocks: identical noise added twice). Past that
+    the source refuses to draw. Like :class:`SeededNoise` it is reproducible, not secure.
 
     Args:
         seed (int, optional): default: drawn from the OS (not reproducible).
@@ -122,11 +140,13 @@ class CounterNoise:
 
     secure = False
     BLOCK = 1 << 20
+    MAX_BLOCKS = 1 << 32
 
     def __init__(self, seed: int | None = None, device: str | torch.device = "cpu") -> None:
         self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else _u64(int(seed))
         self.device = torch.device(device)
         self.draws = 0
+        self.blocks = 0  # blocks of the run drawn so far
 
     def standard_normal(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                         part: tuple[int, int] | None = None) -> Tensor:
@@ -134,21 +154,26 @@ class CounterNoise:
         of one draw add up to the whole draw, each number once)."""
         n = math.prod(shape)
         r, size = part or (0, 1)
+        count = -(-n // self.BLOCK)
+        if self.blocks + count > self.MAX_BLOCKS:
+            raise PsgradError(f"CounterNoise: a run draws at most {self.MAX_BLOCKS} blocks of {self.BLOCK} numbers "
+                              "without repeating a seed; start a new run with another seed")
         out = torch.empty(n, dtype=dtype, device=self.device) if size == 1 else torch.zeros(n, dtype=dtype,
                                                                                            device=self.device)
-        key = _mix(_u64(self.seed) ^ _mix(self.draws))
+        base = _mix(self.seed)
         generator = torch.Generator(device=self.device)
         for k, start in enumerate(range(0, n, self.BLOCK)):
             if k % size != r:
                 continue
-            generator.manual_seed(_mix(key ^ _mix(k + 1)) & ((1 << 63) - 1))
+            generator.manual_seed(_mix32(base + self.blocks + k))
             stop = min(n, start + self.BLOCK)
             torch.randn(stop - start, generator=generator, dtype=dtype, device=self.device, out=out[start:stop])
         self.draws += 1
+        self.blocks += count
         return out.view(tuple(shape)).to(device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "counter", "seed": self.seed, "draws": self.draws}
+        return {"kind": "counter", "seed": self.seed, "draws": self.draws, "blocks": self.blocks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("kind") != "counter":
@@ -156,7 +181,7 @@ class CounterNoise:
                 f"CounterNoise.load_state_dict: the checkpoint holds {state.get('kind')!r} noise, not 'counter'; "
                 "resume with the same noise source"
             )
-        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+        self.seed, self.draws, self.blocks = int(state["seed"]), int(state["draws"]), int(state["blocks"])
 
 
 class SecureNoise:

@@ -30,7 +30,7 @@ from .sampling import PoissonSampler, poisson_loader
 
 # Settings a resumed run must share with the checkpointed one (anything else may differ).
 _RESUME_KEYS = ("epsilon", "noise_multiplier", "delta", "epochs", "batch_size", "max_norm", "clipping", "lr", "momentum",
-                "accountant", "secure_noise", "seed", "width", "model", "data")
+                "accountant", "secure_noise", "seed", "width", "model", "data", "dtype")
 
 
 @dataclass
@@ -106,6 +106,7 @@ def _epochs(
 ) -> Run:
     """Train epochs ``start_epoch..args.epochs``, one record per epoch, with a progress bar."""
     start = time.perf_counter() - run.seconds
+    dtype = getattr(torch, args.dtype)
     progress = report.progress()
     if progress is not None:
         progress.start()
@@ -115,7 +116,7 @@ def _epochs(
             examples = empty = 0
             clipped: int | None = 0
             for xb, yb in loader:
-                c, n = step(xb, yb)
+                c, n = step(xb.to(dtype) if xb.is_floating_point() else xb, yb)
                 clipped = None if c is None or clipped is None else clipped + c
                 examples, empty = examples + n, empty + (n == 0)
                 if progress is not None:
@@ -142,7 +143,7 @@ def _epochs(
 
 def _model(args: argparse.Namespace, task: Task) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(args.seed)
-    model = task.make_model()
+    model = task.make_model().to(getattr(torch, args.dtype))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum)
 
