@@ -3,7 +3,6 @@ the default; or the user's own model and data, given as ``package.module:functio
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import PsgradError
+from ..workloads import load_function
 
 TEST_SIZE = 360  # of 1797: 1437 train, 360 test, stratified, split seed 0
 
@@ -84,19 +84,10 @@ def digits_task(width: int = 16) -> Task:
 
 
 def _resolve(spec: str, what: str) -> Callable[[], Any]:
-    """``package.module:function``, imported."""
-    module_name, _, function = spec.partition(":")
-    if not module_name or not function:
-        raise PsgradError(f"psgrad train: --{what} must be package.module:function, got {spec!r}")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # as `python -m` would: the current folder is importable
+    """``package.module:function``, imported, with the current folder importable (as ``python -m`` has it)."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        fn = getattr(importlib.import_module(module_name), function)
-    except (ImportError, AttributeError) as exc:
-        raise PsgradError(f"psgrad train: cannot import --{what} {spec!r}: {exc}") from exc
-    if not callable(fn):
-        raise PsgradError(f"psgrad train: --{what} {spec!r} is not a function")
-    return fn
+    return load_function(spec, f"psgrad train --{what}")
 
 
 def user_task(model: str | None, data: str | None, width: int = 16) -> Task:

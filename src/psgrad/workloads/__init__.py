@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -44,15 +45,22 @@ def resolve(name: str) -> Factory:
     if name in WORKLOADS:
         return WORKLOADS[name]
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise PsgradError(f"workload {name!r}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
-        if not callable(factory):
-            raise PsgradError(f"workload {name!r}: {attr!r} is not callable")
-        return factory
+        return load_function(name, f"workload {name!r}")
     raise PsgradError(f"unknown workload {name!r}; valid: {', '.join(WORKLOADS)} or package.module:function")
 
 
-__all__ = ["OUT_OF_PLACE", "WORKLOADS", "Workload", "make", "resolve"]
+def load_function(spec: str, where: str) -> Callable[..., Any]:
+    """The callable named by ``package.module:function``, imported; a PsgradError naming ``where`` otherwise."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise PsgradError(f"{where}: expected package.module:function, got {spec!r}")
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PsgradError(f"{where}: cannot import {attr!r} from {module_name!r}: {exc}") from exc
+    if not callable(found):
+        raise PsgradError(f"{where}: {attr!r} is not callable")
+    return found
+
+
+__all__ = ["OUT_OF_PLACE", "WORKLOADS", "Workload", "load_function", "make", "resolve"]
