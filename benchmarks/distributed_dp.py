@@ -7,7 +7,8 @@ ranks (a fixed batch, so that both steps do the same work every time): each rank
 same process, one ``DPSGD.train_step`` (flat clipping, engine auto; the clipped sums reduced over the ranks, the
 noise drawn, SGD) and one DistributedDataParallel step (forward, backward with DDP's overlapped all-reduce, SGD).
 Medians over the repeats after one warm-up of each; the ratio is per repeat, then its median. "comm" is the DP
-step's time inside its reduction (``World.sum_``, which starts after the whole backward), as a share of the step.
+step's exposed communication: the time spent waiting in ``Reduction.finish`` for the all-reduces that did not end
+while the later clipped sums were computed (waiting for the other rank included), as a share of the step.
 """
 
 from __future__ import annotations
@@ -90,15 +91,15 @@ def _rank(rank: int, size: int, rendezvous: str, out: str, repeats: int) -> None
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=size,
                             timeout=timedelta(seconds=600))
     comm = [0.0]
-    reduce = dp_dist.World.sum_
+    finish = dp_dist.Reduction.finish
 
-    def timed_sum(self, tensors, numbers=()):
+    def timed_finish(self, numbers=()):
         start = time.perf_counter()
-        result = reduce(self, tensors, numbers)
+        result = finish(self, numbers)
         comm[0] += time.perf_counter() - start
         return result
 
-    dp_dist.World.sum_ = timed_sum
+    dp_dist.Reduction.finish = timed_finish
     results = {name: _time(name, rank, size, repeats, comm) for name in MODELS}
     dist.destroy_process_group()
     if rank == 0:
@@ -137,7 +138,7 @@ def main() -> None:
     lines = [f"# DP-SGD step against a DDP non-private step (logical batch {LOGICAL}, one thread per rank)", "",
              f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}; medians of "
              f"{args.repeats} alternated repeats. Made by `python benchmarks/distributed_dp.py`.", "",
-             "| model | W | DP step (ms) | DDP step (ms) | DP / DDP | DP comm share |", "|---|---|---|---|---|---|"]
+             "| model | W | DP step (ms) | DDP step (ms) | DP / DDP | DP exposed comm share |", "|---|---|---|---|---|---|"]
     for t in table:
         lines.append(f"| {t['model']} | {t['world_size']} | {t['dp_s'] * 1e3:.1f} | {t['ddp_s'] * 1e3:.1f} | "
                      f"{t['ratio']:.2f} | {100 * t['comm_share']:.1f}% |")

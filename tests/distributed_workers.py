@@ -79,7 +79,7 @@ def _flat(model: nn.Module) -> torch.Tensor:
 def _train(world: World, model: nn.Module, data: TensorDataset, q: float, steps: int, *, sigma: float,
            max_norm: float, lr: float, momentum: float, seed: int, resume: str | None = None,
            save: str | None = None, physical: int | None = None, ddp: bool = False,
-           block: int | None = None, secure: bool = False) -> dict:
+           block: int | None = None, secure: bool = False, manual: bool = False) -> dict:
     """``steps`` logical steps; per step the rank's share, the global batch size, the gradient handed to the
     optimizer (noise included), the parameters after the step and the step's record."""
     randomness = {"secure": True} if secure else {"seed": seed}
@@ -102,7 +102,13 @@ def _train(world: World, model: nn.Module, data: TensorDataset, q: float, steps:
         x, y = next(batches)
         shares.append([int(i) for i in loader.batch_sampler.last_share])
         sizes.append(loader.batch_sampler.last_global_size)
-        records.append(dp.train_step(x, y, physical_batch_size=physical))
+        if manual:  # accumulate() twice (a half may be empty), then step(): the reduction after everything
+            half = len(y) // 2
+            dp.accumulate(x[:half], y[:half])
+            dp.accumulate(x[half:], y[half:])
+            records.append(dp.step())
+        else:
+            records.append(dp.train_step(x, y, physical_batch_size=physical))
         grads.append(torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()]))
         params.append(_flat(model))
     if save and world.rank == 0:
@@ -112,10 +118,11 @@ def _train(world: World, model: nn.Module, data: TensorDataset, q: float, steps:
 
 
 def trajectory(world: World, *, dtype: str = "float32", n: int = 48, q: float = 0.25, steps: int = 4,
-               physical: int | None = None, ddp: bool = False, **kw) -> dict:
+               physical: int | None = None, ddp: bool = False, manual: bool = False, **kw) -> dict:
     dt = getattr(torch, dtype)
     settings = {"sigma": 0.8, "max_norm": 0.5, "lr": 0.2, "momentum": 0.5, "seed": 3, "block": 40, **kw}
-    return _train(world, _classifier(dt), _classification(n, dt), q, steps, physical=physical, ddp=ddp, **settings)
+    return _train(world, _classifier(dt), _classification(n, dt), q, steps, physical=physical, ddp=ddp,
+                  manual=manual, **settings)
 
 
 def zero_gradient(world: World, *, n: int = 64, q: float = 0.25, steps: int = 3, sigma: float = 1.7,
@@ -136,15 +143,17 @@ ZERO = {"n": 64, "q": 0.25, "sigma": 1.7, "max_norm": 0.9}
 def suite(world: World) -> dict:
     """Every run the equivalence tests compare, in one process group (a spawn costs seconds)."""
     return {"float32": trajectory(world), "float64": trajectory(world, dtype="float64"),
-            "physical": trajectory(world, physical=2), "ddp": trajectory(world, ddp=True), "empty": trajectory(world, **EMPTY),
+            "physical": trajectory(world, physical=2), "ddp": trajectory(world, ddp=True),
+            "manual": trajectory(world, manual=True), "empty": trajectory(world, **EMPTY),
             "zero": zero_gradient(world, **ZERO), "secure": trajectory(world, secure=True)}
 
 
 def reference() -> dict:
-    """The same runs in one process; ``physical`` and ``ddp`` are the float32 run, unsplit and unwrapped."""
+    """The same runs in one process; ``physical``, ``ddp`` and ``manual`` are the float32 run, unsplit,
+    unwrapped, by train_step."""
     one = World.local()
     return {"float32": trajectory(one), "float64": trajectory(one, dtype="float64"), "physical": trajectory(one),
-            "ddp": trajectory(one), "empty": trajectory(one, **EMPTY), "zero": zero_gradient(one, **ZERO)}
+            "ddp": trajectory(one), "manual": trajectory(one), "empty": trajectory(one, **EMPTY), "zero": zero_gradient(one, **ZERO)}
 
 
 SCENARIOS = {"trajectory": trajectory, "zero_gradient": zero_gradient, "suite": suite}

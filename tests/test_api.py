@@ -341,3 +341,46 @@ def test_large_clipped_sums_reuse_released_blocks():
     check(third, 3)
     check(first, 1)  # untouched by the later calls
     psgrad.empty_cache()
+
+
+@pytest.mark.parametrize("engine", ["hooks", "vmap", "auto"])
+@pytest.mark.parametrize("check", [False, True])
+def test_on_sum_hands_out_each_sum_once(engine, check):
+    """``on_sum`` sees every parameter once, with the very tensor the result holds; the hooks engine hands the
+    large sums out before the small ones it sums together last (what lets a caller start communicating them)."""
+    model, x, y = _groupnorm()
+    seen: list[tuple[str, torch.Tensor]] = []
+    sums = psgrad.clipped_grad_sum(model, CE, x, y, 0.7, engine=engine, check=check,
+                                   on_sum=lambda n, s: seen.append((n, s)))
+    assert sorted(n for n, _ in seen) == sorted(sums)
+    assert all(s is sums[n] for n, s in seen)
+    reference = psgrad.clipped_grad_sum(model, CE, x, y, 0.7, engine=engine)
+    for n in sums:
+        assert torch.equal(sums[n], reference[n])
+    if engine == "hooks" and not check:
+        order = [n for n, _ in seen]
+        assert order.index("0.weight") < order.index("1.weight")  # the conv before the GroupNorm's small sums
+
+
+def test_on_sum_stops_auto_from_falling_back(monkeypatch):
+    """Once sums are out, another engine would hand them out again: a rule failing after one layer's sums went
+    out is the caller's error, not a fallback."""
+    from psgrad.rules.linear import LinearRule
+
+    model, x, y = _linear()
+    psgrad.clipped_grad_sum(model, CE, x, y, 1.0)  # auto's first-call check done: later calls stream
+    original, done = LinearRule.clipped_sum, []
+
+    def second_fails(self, *args, **kwargs):
+        done.append(1)
+        if len(done) == 2:
+            raise RuntimeError("a rule fails on the second layer")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LinearRule, "clipped_sum", second_fails)
+    seen = []
+    with pytest.raises(psgrad.UnsupportedModelError, match="second layer"):
+        psgrad.clipped_grad_sum(model, CE, x, y, 1.0, on_sum=lambda n, s: seen.append(n))
+    assert sorted(seen) == ["2.bias", "2.weight"]  # the last layer's (units go in backward order), no more
+    with pytest.raises(PsgradError, match="on_sum must be a function"):
+        psgrad.clipped_grad_sum(model, CE, x, y, 1.0, on_sum=3)

@@ -79,6 +79,11 @@ def test_physical_batches_per_rank(ranks, reference):
     _same_run([r["physical"] for r in ranks[1]], reference["physical"], "float32")
 
 
+def test_accumulate_then_step(ranks, reference):
+    """accumulate() and step() by hand: the reduction after the whole batch (train_step overlaps it instead)."""
+    _same_run([r["manual"] for r in ranks[1]], reference["manual"], "float32")
+
+
 def test_ddp_wrapped_model_is_trained_inside(ranks, reference):
     _same_run([r["ddp"] for r in ranks[1]], reference["ddp"], "float32")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from ..errors import PsgradError
 from .buffers import destination
 from .checks import check_model
 from .explain import Explanation, explain_call
-from .run import run_engine
+from .run import SumSink, run_engine
 
 
 def empty_cache() -> None:
@@ -158,6 +158,7 @@ def clipped_grad_sum(
     return_norms: bool = False,
     return_losses: bool = False,
     check: bool | None = None,
+    on_sum: Callable[[str, Tensor], None] | None = None,
     **engine_options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
     """Sum over the batch of each example's clipped gradient, ``sum_i c_i g_i``: what DP-SGD adds noise to.
@@ -173,6 +174,10 @@ def clipped_grad_sum(
         gamma (float): the stabiliser of automatic clipping. Default: 0.01.
         return_norms (bool): also return the per-sample norms ``[B]`` (before clipping, float64).
         return_losses (bool): also return the per-sample losses ``[B]``.
+        on_sum (Callable, optional): ``on_sum(name, sum)``, called once per parameter with the tensor that the
+            result will hold, as soon as that sum is complete: with the hooks engine layer by layer while the
+            later layers' sums are still being computed (to start communicating them early), with the others
+            when all are done. A call that has handed out sums does not fall back to another engine.
 
     Returns:
         ``{name: Tensor[*param.shape]}``, the clipped sum (not divided by B); with ``return_norms`` and/or
@@ -187,7 +192,11 @@ def clipped_grad_sum(
     where = "clipped_grad_sum"
     batch, chosen = _prepare(model, inputs, targets, params, where)
     clip = ClipSpec.make(clipping, max_norm, gamma, parameter_groups(model, chosen), where)
-    sums, norms, losses = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options, check, clip=clip)
+    if on_sum is not None and not callable(on_sum):
+        raise PsgradError(f"{where}: on_sum must be a function of (name, tensor), got {type(on_sum).__name__}")
+    sink = None if on_sum is None else SumSink(on_sum)
+    sums, norms, losses = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options,
+                                     check, clip=clip, on_sum=sink)
     extra = (norms,) * return_norms + (losses,) * return_losses
     return (sums, *extra) if extra else sums
 

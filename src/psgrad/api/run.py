@@ -17,7 +17,7 @@ import collections
 import contextlib
 import gc
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -95,14 +95,38 @@ def run_engine(
     return _auto(candidates, task, where, model, loss_fn, batch, params, options, check, kw)
 
 
+class SumSink:
+    """``clipped_grad_sum``'s ``on_sum``, counted: a call that has handed out sums cannot fall back to another
+    engine (which would hand them out again)."""
+
+    def __init__(self, fn: Callable[[str, Any], None]) -> None:
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, name: str, value: Any) -> None:
+        self.calls += 1
+        self.fn(name, value)
+
+
 def _call(name, task, model, loss_fn, batch, params, options, check, generic, kw):
     engine = _engines.ENGINES[name]
     mine = {k: v for k, v in options.items() if k in engine.options}  # auto's fallbacks drop hooks' options
     if generic:
         mine["generic"] = frozenset(mine.get("generic", ())) | generic
     method = "per_sample" if task == "grads" else task
+    sink = kw.get("on_sum")
+    if sink is not None and not engine.streams_sums:  # sums handed out when all are done
+        kw = {k: v for k, v in kw.items() if k != "on_sum"}
     with _gc_paused(), ModelGuard(model):
-        return getattr(engine, method)(model, loss_fn, batch, params, **kw, check=check, **mine)
+        result = getattr(engine, method)(model, loss_fn, batch, params, **kw, check=check, **mine)
+    if sink is not None and not engine.streams_sums:
+        for n, value in result[0].items():
+            sink(n, value)
+    return result
+
+
+def _handed_out(kw: Mapping[str, Any]) -> bool:
+    sink = kw.get("on_sum")
+    return sink is not None and sink.calls > 0
 
 
 def _auto(candidates, task, where, model, loss_fn, batch, params, options, check, kw):
@@ -123,12 +147,14 @@ def _auto(candidates, task, where, model, loss_fn, batch, params, options, check
         try:
             result = _call(name, task, model, loss_fn, batch, params, options, this_check, generic, kw)
         except UnsupportedModelError as exc:
-            if i == len(candidates) - 1:
+            if i == len(candidates) - 1 or _handed_out(kw):
                 raise
             _warn(f"{where}: engine {name!r} cannot handle this model ({exc}); using {candidates[i + 1]!r}")
             i, generic = i + 1, frozenset()
             continue
         except ConsistencyError as exc:
+            if _handed_out(kw):
+                raise
             failing = frozenset(exc.modules) - generic
             if name == "hooks" and failing:
                 _warn(f"{where}: {exc}; the modules {sorted(failing)} take the generic rule")

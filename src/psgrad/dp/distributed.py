@@ -15,9 +15,11 @@ With W processes a DP-SGD step is the same mechanism as in one process (DESIGN.m
   source (secure noise) all on rank 0. No rank draws what another draws, and no noise is broadcast;
 - every rank then takes the same optimizer step, so parameters stay identical; the accountant counts global
   steps at the global sample rate.
-All of it goes through :class:`World`, so that a sharded run (a reduce-scatter into shards) changes one class.
-The reduction starts when the logical step ends (flat clipping needs every norm first); its buckets are reduced
-asynchronously among themselves, not yet overlapped with the per-layer clipped-sum products.
+All of it goes through :class:`World` and :class:`Reduction`, so that a sharded run (a reduce-scatter into shards)
+changes this module. Flat clipping needs every norm before any clipped sum, so the reduction cannot start during
+the backward; it starts with the clipped-sum products instead: ``DPSGD.train_step`` hands each parameter's sum to
+the reduction as the engine completes it (``clipped_grad_sum(on_sum=...)``), and a bucket's all-reduce starts
+while the later layers' products are computed.
 """
 
 from __future__ import annotations
@@ -68,38 +70,14 @@ class World:
         return self.size > 1
 
     def sum_(self, tensors: Sequence[Tensor], numbers: Sequence[float] = ()) -> list[float]:
-        """Sum ``tensors`` over the ranks, in place, and a few ``numbers`` (float64), returning their sums.
-
-        The tensors go in buckets of at most ``BUCKET`` elements, in float32 (float64 for float64 tensors: never
-        below the tensors' own precision); every bucket and the numbers are reduced asynchronously, together.
-        """
+        """Sum ``tensors`` over the ranks, in place, and a few ``numbers`` (float64), returning their sums
+        (:class:`Reduction` with every tensor ready at once)."""
         if not self.distributed:
             return list(numbers)
-        import torch.distributed as dist
-
-        buckets: dict[tuple[torch.dtype, torch.device], list[list[Tensor]]] = {}
-        for t in tensors:
-            key = (torch.promote_types(t.dtype, torch.float32), t.device)
-            open_ = buckets.setdefault(key, [[]])
-            if open_[-1] and sum(x.numel() for x in open_[-1]) + t.numel() > BUCKET:
-                open_.append([])
-            open_[-1].append(t)
-        pending = []
-        if numbers:
-            values = torch.tensor(list(numbers), dtype=torch.float64, device=self.device)
-            counted = dist.all_reduce(values, group=self.group, async_op=True)
-        for (dtype, _), groups in buckets.items():
-            for bucket in groups:
-                flat = torch.cat([t.reshape(-1).to(dtype) for t in bucket])
-                pending.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
-        for bucket, flat, work in pending:
-            work.wait()
-            for t, part in zip(bucket, flat.split([t.numel() for t in bucket])):
-                t.copy_(part.view(t.shape))
-        if not numbers:
-            return []
-        counted.wait()
-        return values.tolist()
+        reduction = Reduction(self, list(range(len(tensors))), tensors)
+        for i, t in enumerate(tensors):
+            reduction.ready(i, t)
+        return reduction.finish(numbers)
 
     def broadcast_indices(self, indices: Sequence[int] | None) -> list[int]:
         """Rank 0's list of indices (the others pass None): its length, then the indices, as int64."""
@@ -136,6 +114,76 @@ class World:
     def share(self, indices: Sequence[int]) -> list[int]:
         """This rank's share of a global batch's indices: every ``size``-th from ``rank`` on."""
         return list(indices[self.rank :: self.size])
+
+
+class Reduction:
+    """One step's sum over the ranks, started bucket by bucket as its tensors become ready.
+
+    The tensors (in ``order``, the same on every rank) are cut into buckets of consecutive tensors of one reduced
+    dtype and device, at most ``BUCKET`` elements each: float32, or float64 for float64 tensors (never below the
+    tensors' own precision). A bucket's all-reduce starts, asynchronously, once all its tensors are ready and the
+    buckets before it have started, so that every rank starts the same collectives in the same order; a few
+    numbers (float64) join at :meth:`finish`, which waits for all and writes the sums back in place.
+
+    Args:
+        world (World): the ranks.
+        order (list): a label per tensor (kept as ``order``).
+        templates (list[Tensor]): the tensors' shapes, dtypes and devices, in that order.
+    """
+
+    def __init__(self, world: World, order: Sequence[Any], templates: Sequence[Tensor]) -> None:
+        self.world, self.order = world, list(order)
+        self.tensors: list[Tensor | None] = [None] * len(templates)
+        self.buckets: list[list[int]] = []
+        self.bucket_of: list[int] = []
+        key = size = None
+        for i, t in enumerate(templates):
+            k = (torch.promote_types(t.dtype, torch.float32), t.device)
+            if not self.buckets or k != key or size + t.numel() > BUCKET:
+                self.buckets.append([])
+                key, size = k, 0
+            self.buckets[-1].append(i)
+            self.bucket_of.append(len(self.buckets) - 1)
+            size += t.numel()
+        self.missing = [len(b) for b in self.buckets]
+        self.started = 0
+        self.pending: list[tuple[list[int], Tensor, Any]] = []
+
+    def is_ready(self, i: int) -> bool:
+        return self.tensors[i] is not None
+
+    def ready(self, i: int, tensor: Tensor) -> None:
+        """Tensor ``i`` holds this rank's part; start every bucket that can start."""
+        if self.tensors[i] is not None:
+            raise PsgradError(f"Reduction: tensor {self.order[i]!r} was handed in twice")
+        self.tensors[i] = tensor
+        self.missing[self.bucket_of[i]] -= 1
+        import torch.distributed as dist
+
+        while self.started < len(self.buckets) and self.missing[self.started] == 0:
+            members = self.buckets[self.started]
+            dtype = torch.promote_types(self.tensors[members[0]].dtype, torch.float32)
+            flat = torch.cat([self.tensors[j].reshape(-1).to(dtype) for j in members])
+            self.pending.append((members, flat, dist.all_reduce(flat, group=self.world.group, async_op=True)))
+            self.started += 1
+
+    def finish(self, numbers: Sequence[float] = ()) -> list[float]:
+        """Sum ``numbers`` too, wait for every bucket, write the sums into the tensors; the numbers' sums."""
+        import torch.distributed as dist
+
+        if self.started < len(self.buckets):
+            missing = [self.order[i] for i, t in enumerate(self.tensors) if t is None]
+            raise PsgradError(f"Reduction.finish: tensors never handed in: {missing}")
+        values = torch.tensor(list(numbers), dtype=torch.float64, device=self.world.device)
+        counted = dist.all_reduce(values, group=self.world.group, async_op=True) if numbers else None
+        for members, flat, work in self.pending:
+            work.wait()
+            parts = flat.split([self.tensors[j].numel() for j in members])
+            for j, part in zip(members, parts):
+                self.tensors[j].copy_(part.view(self.tensors[j].shape))
+        if counted is not None:
+            counted.wait()
+        return values.tolist()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -31,11 +31,14 @@ from ..batch import Batch
 from ..clipping import ClipSpec
 from ..errors import PsgradError
 from .accounting import Accountant, check_method, check_noise_multiplier
-from .distributed import World, unwrap
+from .distributed import Reduction, World, unwrap
 from .noise import CounterNoise, NoiseSource, SecureNoise
 from .sampling import check_sample_rate
 
 log = logging.getLogger(__name__)
+#: parameters of at most this many elements are reduced last (the hooks engine sums their small per-sample
+#: gradients together after the others)
+_SMALL = 4096
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,11 @@ class DPSGD:
         Returns:
             int: the number of examples of this physical batch that were clipped.
         """
+        return self._accumulate(inputs, targets)
+
+    def _accumulate(self, inputs: Any, targets: Tensor | None, on_sum: Callable[[str, Tensor], None] | None = None
+                    ) -> int:
+        """:meth:`accumulate`; with ``on_sum`` the sums go there as they are done instead of into the batch's."""
         size = Batch.make(inputs, targets, "DPSGD.accumulate", allow_empty=True).size
         self._physical += 1
         if size == 0:
@@ -196,11 +204,12 @@ class DPSGD:
         sums, norms, losses = psgrad.clipped_grad_sum(
             self.model, self.loss_fn, inputs, targets, self.max_norm, engine=self.engine,
             params=list(self.params), clipping=self.clipping, gamma=self.gamma, return_norms=True,
-            return_losses=True,
+            return_losses=True, on_sum=on_sum,
         )
         self._losses.extend(losses.detach().double().tolist())
-        for name, s in sums.items():
-            self._sums[name] = self._sums[name] + s if name in self._sums else s
+        if on_sum is None:
+            for name, s in sums.items():
+                self._sums[name] = self._sums[name] + s if name in self._sums else s
         if self.clipping == "automatic":
             clipped = int((norms + self.gamma > self.bound).sum())
         else:
@@ -222,15 +231,36 @@ class DPSGD:
         Returns:
             StepRecord: the step's number, size (the whole logical batch) and clipped count.
         """
-        examples, clipped, loss = self._examples, self._clipped, math.fsum(self._losses)  # exact: any split
+        totals = self._totals()
+        reduction = None
+        if self.world.distributed:  # every rank's sums and share of the one noise draw, summed
+            reduction = self._reduction(totals)
+            for i, total in enumerate(reduction.order):
+                reduction.ready(i, totals[total])
+        return self._apply(totals, reduction)
+
+    def _totals(self) -> dict[str, Tensor]:
+        """This rank's noise (its share of the one draw, times sigma C) plus the sums accumulated so far."""
         totals: dict[str, Tensor] = {}
         for name, z in self._draw_noise().items():
             total = z.mul_(self.noise_std)
             if name in self._sums:
                 total = total.add_(self._sums[name].to(total.dtype))
             totals[name] = total
-        if self.world.distributed:  # every rank's sums and share of the one noise draw, summed
-            examples, clipped, loss = self.world.sum_(list(totals.values()), [examples, clipped, loss])
+        return totals
+
+    def _reduction(self, totals: dict[str, Tensor]) -> Reduction:
+        """The step's reduction, in the order the hooks engine completes sums: its units go in backward order
+        (the last layer first), the small per-sample gradients summed together at the end. Any order is correct:
+        every rank uses this one; this one lets the first buckets start early."""
+        names = list(self.params)[::-1]
+        order = [n for n in names if totals[n].numel() > _SMALL] + [n for n in names if totals[n].numel() <= _SMALL]
+        return Reduction(self.world, order, [totals[n] for n in order])
+
+    def _apply(self, totals: dict[str, Tensor], reduction: Reduction | None) -> StepRecord:
+        examples, clipped, loss = self._examples, self._clipped, math.fsum(self._losses)  # exact: any split
+        if reduction is not None:
+            examples, clipped, loss = reduction.finish([examples, clipped, loss])
             examples, clipped = int(examples), int(clipped)
         for name, total in totals.items():
             self.params[name].grad = total.div_(self.expected_batch_size)
@@ -282,14 +312,35 @@ class DPSGD:
         """
         batch = Batch.make(inputs, targets, "DPSGD.train_step", allow_empty=True)
         if physical_batch_size is None or batch.size <= physical_batch_size:
-            self.accumulate(inputs, targets)
+            parts = [(inputs, targets)]
         else:
             if isinstance(physical_batch_size, bool) or not isinstance(physical_batch_size, int) or physical_batch_size <= 0:
                 raise PsgradError(f"DPSGD.train_step: physical_batch_size must be a positive int, got {physical_batch_size!r}")
-            for start in range(0, batch.size, physical_batch_size):
-                part = batch.select(slice(start, start + physical_batch_size))
-                self.accumulate(part.inputs, part.targets)
-        return self.step()
+            chunks = [batch.select(slice(i, i + physical_batch_size)) for i in range(0, batch.size, physical_batch_size)]
+            parts = [(c.inputs, c.targets) for c in chunks]
+        for part in parts[:-1] if self.world.distributed else parts:
+            self.accumulate(*part)
+        if not self.world.distributed:
+            return self.step()
+        return self._overlapped_step(*parts[-1])
+
+    @torch.no_grad()
+    def _overlapped_step(self, inputs: Any, targets: Tensor | None) -> StepRecord:
+        """The last physical batch and the step at once: each parameter's sum (with this rank's noise) starts its
+        way over the ranks as soon as the engine has it, while the later layers' sums are computed."""
+        totals = self._totals()
+        reduction = self._reduction(totals)
+        index = {name: i for i, name in enumerate(reduction.order)}
+
+        def on_sum(name: str, value: Tensor) -> None:
+            reduction.ready(index[name], totals[name].add_(value.to(totals[name].dtype)))
+
+        with torch.enable_grad():
+            self._accumulate(inputs, targets, on_sum)
+        for i, name in enumerate(reduction.order):  # an empty share (or a sum the engine never handed out)
+            if not reduction.is_ready(i):
+                reduction.ready(i, totals[name])
+        return self._apply(totals, reduction)
 
     # -- privacy and state -----------------------------------------------------------------------------
     def epsilon(self, delta: float) -> float:

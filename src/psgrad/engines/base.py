@@ -26,6 +26,8 @@ class Engine:
     name: ClassVar[str]
     options: ClassVar[frozenset[str]] = frozenset()
     summary: ClassVar[str] = ""
+    #: whether ``clipped_sum`` takes ``on_sum`` and calls it as each sum is complete (else the caller does, after)
+    streams_sums: ClassVar[bool] = False
 
     def available(self) -> str | None:
         """None when usable here, else the reason (e.g. the install command of a missing extra)."""

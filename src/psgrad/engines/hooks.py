@@ -72,6 +72,7 @@ class _Norms:
 class HooksEngine(Engine):
     name = "hooks"
     options = frozenset({"registry", "generic", "trace"})
+    streams_sums = True
     summary = "psgrad's fast engine: capture once, per-layer rules, generic fallback"
 
     def _plan(self, model, batch, params, where, registry=None, generic=(), trace=None, hoisted=()
@@ -211,43 +212,63 @@ class HooksEngine(Engine):
             _check_sums(result, _weighted(result, _ones(sq, params, batch.size), params, True), sq, where)
         return sq, result.losses
 
-    def clipped_sum(self, model, loss_fn, batch, params, clip: ClipSpec, check: bool = False, **options):
+    def clipped_sum(self, model, loss_fn, batch, params, clip: ClipSpec, check: bool = False, on_sum=None,
+                    **options):
         where = "clipped_grad_sum"
         result = self._norms(model, loss_fn, batch, params, where, True, check, **options)
         sq = {n: result.sq[n] for n in params}
-        summed = _weighted(result, _cast_factors(clip.factors(sq), params), params, not check)
+        factors = _cast_factors(clip.factors(sq), params)
+        # a checked call hands out its sums only once they have passed the check
+        summed = _weighted(result, factors, params, not check, None if check else on_sum)
         if check:
             _check_sums(result, _weighted(result, _ones(sq, params, batch.size), params, True), sq, where)
+            if on_sum is not None:
+                for name, value in summed.items():
+                    on_sum(name, value)
         return summed, clip.total_norm(sq), result.losses
 
 
 def _weighted(
-    result: _Norms, factors: dict[str, Tensor], params: Mapping[str, nn.Parameter], release: bool
+    result: _Norms, factors: dict[str, Tensor], params: Mapping[str, nn.Parameter], release: bool,
+    on_final: Callable[[str, Tensor], None] | None = None,
 ) -> dict[str, Tensor]:
     """``sum_i c_i g_i`` for every parameter from the kept caches and the summed shared gradients; with ``release``
-    each unit's captured calls are dropped as soon as its sums are done (a lower peak than holding all of them)."""
+    each unit's captured calls are dropped as soon as its sums are done (a lower peak than holding all of them).
+    ``on_final(name, sum)`` is called for each parameter as soon as its sum is complete (units in order; the
+    small per-sample gradients, shared parameters and unused ones at the end)."""
     summed: dict[str, Tensor] = {}
+    done: dict[str, Tensor] = {}
+    pending: dict[str, int] = {}
 
     def add(name: str, value: Tensor) -> None:
         summed[name] = summed[name] + value if name in summed else value
+        pending[name] -= 1
+        if pending[name] == 0:
+            done[name] = summed.pop(name).to(params[name].dtype)
+            if on_final is not None:
+                on_final(name, done[name])
 
     # small materialized per-sample gradients (rules that keep them, e.g. norm layers) are summed together,
     # one product per clipping factor, dtype and device, instead of one per parameter
     small: dict[tuple[int, torch.dtype, torch.device], list[tuple[str, Tensor]]] = {}
-
-    def defer(name: str, g: Tensor) -> bool:
-        if g[0].numel() > SMALL_PER_SAMPLE:
-            return False
-        small.setdefault((id(factors[name]), g.dtype, g.device), []).append((name, g))
-        return True
-
+    plans: list[list[list[str]]] = []
     for kept in result.kept:
         by_factor: dict[int, list[str]] = {}
         for loc, name in kept.names.items():
-            if kept.rule.keeps_per_sample and defer(name, kept.cache.grads[loc]):
-                continue
-            by_factor.setdefault(id(factors[name]), []).append(loc)
-        for locs in by_factor.values():
+            g = kept.cache.grads[loc] if kept.rule.keeps_per_sample else None
+            if g is not None and g[0].numel() <= SMALL_PER_SAMPLE:
+                small.setdefault((id(factors[name]), g.dtype, g.device), []).append((name, g))
+            else:
+                by_factor.setdefault(id(factors[name]), []).append(loc)
+            pending[name] = pending.get(name, 0) + 1
+        plans.append(list(by_factor.values()))
+    for name, g in result.shared.items():
+        if g[0].numel() <= SMALL_PER_SAMPLE:
+            small.setdefault((id(factors[name]), g.dtype, g.device), []).append((name, g))
+        pending[name] = pending.get(name, 0) + 1
+    shared = [(n, g) for n, g in result.shared.items() if g[0].numel() > SMALL_PER_SAMPLE]
+    for kept, groups in zip(result.kept, plans):
+        for locs in groups:
             c = factors[kept.names[locs[0]]]
             with refusing(kept.item, kept.rule):
                 sums = kept.rule.clipped_sum(kept.item.unit.module, kept.calls, locs, c, kept.cache)
@@ -256,16 +277,16 @@ def _weighted(
         if release:
             for call in kept.calls:
                 call.release()
-    for name, g in result.shared.items():
-        if not defer(name, g):
-            add(name, weighted_sum(factors[name], g))
+    for name, g in shared:
+        add(name, weighted_sum(factors[name], g))
     for items in small.values():
         for (name, _), value in zip(items, weighted_sums(factors[items[0][0]], [g for _, g in items])):
             add(name, value)
     for name, p in params.items():
-        if name not in summed:
-            summed[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-    return {n: summed[n].to(params[n].dtype) for n in params}
+        if name not in done:
+            pending[name] = 1
+            add(name, torch.zeros_like(p, memory_format=torch.contiguous_format))
+    return {n: done[n] for n in params}
 
 
 def _check_sums(result: _Norms, sums: dict[str, Tensor], sq: dict[str, Tensor], where: str) -> None:
