@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "psgrad"
 
 #: what the tools on top (bench, verify, dp) may import of psgrad: the public API and the public helper modules
 PUBLIC = {"psgrad", "psgrad.api", "psgrad.batch", "psgrad.clipping", "psgrad.errors", "psgrad.peers",
-          "psgrad.peers.opacus", "psgrad.verify", "psgrad.workloads"}
+          "psgrad.peers.opacus", "psgrad.projection", "psgrad.verify", "psgrad.workloads"}
 
 
 def _imports(path: Path) -> set[str]:

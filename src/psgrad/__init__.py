@@ -9,8 +9,11 @@ from .api import (
     engines,
     explain,
     parameter_groups,
+    per_sample_dots,
     per_sample_grads,
+    per_sample_gram,
     per_sample_norms,
+    project,
 )
 from .errors import (
     ConsistencyError,
@@ -19,12 +22,14 @@ from .errors import (
     PsgradError,
     UnsupportedModelError,
 )
+from .projection import Projector
 from .verify import verify
 
 __all__ = [
     "ConsistencyError",
     "FallbackWarning",
     "MissingDependencyError",
+    "Projector",
     "PsgradError",
     "UnsupportedModelError",
     "__version__",
@@ -35,6 +40,9 @@ __all__ = [
     "explain",
     "parameter_groups",
     "per_sample_grads",
+    "per_sample_dots",
+    "per_sample_gram",
     "per_sample_norms",
+    "project",
     "verify",
 ]

@@ -89,6 +89,34 @@ class Batch:
     def tensors(self) -> Iterator[Tensor]:
         return _tensors(self.inputs)
 
+    def concat(self, other: Batch) -> Batch | None:
+        """This batch followed by ``other`` as one batch, or None where they cannot be joined (other
+        structures, other shapes beyond dimension 0, unequal arguments that are not tensors)."""
+        inputs, targets = _join(self.inputs, other.inputs), _join(self.targets, other.targets)
+        if inputs is _FAIL or targets is _FAIL:
+            return None
+        return Batch(inputs, targets, self.size + other.size)
+
+
+_FAIL = object()
+
+
+def _join(x: Any, y: Any) -> Any:
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        ok = (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape[1:] == y.shape[1:]
+              and x.dtype == y.dtype and x.device == y.device)
+        return torch.cat([x, y]) if ok else _FAIL
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        parts = {k: _join(x[k], y[k]) for k in x} if list(x) == list(y) else {"": _FAIL}
+        return _FAIL if any(v is _FAIL for v in parts.values()) else parts
+    if isinstance(x, tuple) and isinstance(y, tuple):
+        parts = [_join(a, b) for a, b in zip(x, y)] if len(x) == len(y) else [_FAIL]
+        return _FAIL if any(v is _FAIL for v in parts) else tuple(parts)
+    try:
+        return x if x is y or bool(x == y) else _FAIL
+    except Exception:  # an argument whose == is not a truth value
+        return _FAIL
+
 
 def call_model(model: Callable[..., Any], inputs: Any) -> Any:
     args, kwargs = as_args_kwargs(inputs)

@@ -10,11 +10,14 @@ from torch import Tensor, nn
 
 from .. import engines as _engines
 from .._memory import alloc as _alloc
-from ..batch import Batch, LossFn
+from ..batch import LossFn
 from ..clipping import ClipSpec
 from ..errors import PsgradError
+from .attribution import per_sample_dots as per_sample_dots
+from .attribution import per_sample_gram as per_sample_gram
+from .attribution import project as project
 from .buffers import destination
-from .checks import check_model
+from .checks import prepare
 from .explain import Explanation, explain_call
 from .run import SumSink, run_engine
 
@@ -98,7 +101,7 @@ def per_sample_grads(
         torch.Size([8, 3, 4])
     """
     where = "per_sample_grads"
-    batch, chosen = _prepare(model, inputs, targets, params, where)
+    batch, chosen = prepare(model, inputs, targets, params, where)
     dest = destination(out, flat, chosen, batch.size, where)
     grads, losses = run_engine(engine, "grads", where, model, loss_fn, batch, chosen, engine_options, check, out=dest)
     result: dict[str, Tensor] | Tensor = grads
@@ -137,7 +140,7 @@ def per_sample_norms(
         >>> norms = per_sample_norms(model, nn.CrossEntropyLoss(reduction="none"), x, y)  # [B]
     """
     where = "per_sample_norms"
-    batch, chosen = _prepare(model, inputs, targets, params, where)
+    batch, chosen = prepare(model, inputs, targets, params, where)
     sq, _ = run_engine(engine, "norms", where, model, loss_fn, batch, chosen, engine_options, check)
     if by_param:
         return {n: s.sqrt() for n, s in sq.items()}
@@ -190,7 +193,7 @@ def clipped_grad_sum(
         torch.Size([3, 4])
     """
     where = "clipped_grad_sum"
-    batch, chosen = _prepare(model, inputs, targets, params, where)
+    batch, chosen = prepare(model, inputs, targets, params, where)
     clip = ClipSpec.make(clipping, max_norm, gamma, parameter_groups(model, chosen), where)
     if on_sum is not None and not callable(on_sum):
         raise PsgradError(f"{where}: on_sum must be a function of (name, tensor), got {type(on_sum).__name__}")
@@ -228,7 +231,7 @@ def explain(
         >>> print(psgrad.explain(model, nn.CrossEntropyLoss(reduction="none"), x, y))
     """
     where = "explain"
-    batch, chosen = _prepare(model, inputs, targets, params, where)
+    batch, chosen = prepare(model, inputs, targets, params, where)
     unknown = sorted(set(engine_options) - _engines.ENGINES["hooks"].options)
     if unknown:
         raise TypeError(f"{where}: unexpected option(s) {unknown}; the hooks engine's options: "
@@ -239,28 +242,3 @@ def explain(
 def parameter_groups(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     """``{parameter name: group}`` where a group is the name of the module owning the parameter."""
     return {n: n.rpartition(".")[0] for n in names}
-
-
-# ---------------------------------------------------------------------------------------------------
-def _prepare(model, inputs, targets, params, where) -> tuple[Batch, dict[str, nn.Parameter]]:
-    check_model(model, where)
-    batch = Batch.make(inputs, targets, where)
-    named = dict(model.named_parameters())
-    if params is None:
-        chosen = {n: p for n, p in named.items() if p.requires_grad}
-    else:
-        if isinstance(params, str):
-            raise PsgradError(f"{where}: params must be a list of parameter names, not a string")
-        params = list(params)
-        unknown = [n for n in params if n not in named]
-        if unknown:
-            raise PsgradError(f"{where}: unknown parameter names {unknown}; see model.named_parameters()")
-        frozen = [n for n in params if not named[n].requires_grad]
-        if frozen:
-            raise PsgradError(f"{where}: parameters {frozen} have requires_grad=False")
-        if not params:
-            raise PsgradError(f"{where}: params is empty")
-        chosen = {n: named[n] for n in named if n in set(params)}
-    return batch, chosen
-
-

@@ -1,9 +1,10 @@
-"""Model-level checks run before any engine: layers whose per-sample gradients are undefined."""
+"""Checks run before any engine: layers whose per-sample gradients are undefined, and the call itself."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..batch import Batch
 from ..errors import PsgradError
 
 
@@ -47,3 +48,28 @@ def check_model(model: nn.Module, where: str) -> None:
             )
     if not any(p.requires_grad for p in model.parameters()):
         raise PsgradError(f"{where}: the model has no trainable parameters (none has requires_grad=True)")
+
+
+def prepare(model, inputs, targets, params, where) -> tuple[Batch, dict[str, nn.Parameter]]:
+    """Check the model and the call; the batch and the parameters asked for (default: all trainable)."""
+    check_model(model, where)
+    batch = Batch.make(inputs, targets, where)
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        if isinstance(params, str):
+            raise PsgradError(f"{where}: params must be a list of parameter names, not a string")
+        params = list(params)
+        unknown = [n for n in params if n not in named]
+        if unknown:
+            raise PsgradError(f"{where}: unknown parameter names {unknown}; see model.named_parameters()")
+        frozen = [n for n in params if not named[n].requires_grad]
+        if frozen:
+            raise PsgradError(f"{where}: parameters {frozen} have requires_grad=False")
+        if not params:
+            raise PsgradError(f"{where}: params is empty")
+        chosen = {n: named[n] for n in named if n in set(params)}
+    return batch, chosen
+
+

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..batch import Batch, LossFn
 from ..clipping import ClipSpec
 from ..rules.base import sq_norms, weighted_sum
+from ..rules.sink import Sink
 from . import consistency
 
 
@@ -92,6 +93,19 @@ class Engine:
         for n, g in grads.items():
             summed[n] = weighted_sum(factors[n], g)
         return summed, clip.total_norm(sq), losses
+
+
+    def reduce(
+        self, model: nn.Module, loss_fn: LossFn, batch: Batch, params: Mapping[str, nn.Parameter], sink: Sink,
+        check: bool = False, context: str = "reduce", **options: Any
+    ) -> Tensor:
+        """Hand each parameter's per-sample gradients ``[B, *shape]`` to ``sink`` (:mod:`psgrad.rules.sink`) and
+        return the per-sample losses. Default: all materialized by :meth:`per_sample`, then handed over."""
+        grads, losses = self.per_sample(model, loss_fn, batch, params, None, check, **options)
+        sink.reset()
+        for name in params:
+            sink.grads(name, grads.pop(name))
+        return losses
 
 
 def write(out: Mapping[str, Tensor] | None, grads: dict[str, Tensor]) -> dict[str, Tensor]:

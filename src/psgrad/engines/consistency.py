@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConsistencyError
+from ..rules.base import linear_form_norms, sq_norms
+from ..rules.sink import Sink
 
 FLOOR_FRACTION = 1e-3
 
@@ -76,3 +78,64 @@ def per_sample_sums(per_sample: Mapping[str, Tensor]) -> tuple[dict[str, Tensor]
     sums = {n: g.sum(0) for n, g in per_sample.items()}
     norm_sums = {n: float(g.double().reshape(len(g), -1).norm(dim=1).sum()) for n, g in per_sample.items()}
     return sums, norm_sums
+
+
+#: elements of linear forms the check makes at once (a convolution's patches can be far larger than its input)
+_CHUNK = 1 << 22
+
+
+class Tally(Sink):
+    """A sink in front of another that also adds up what the check needs, ``sum_i g_i`` and each example's
+    squared norm per parameter, from whatever form the other sink takes (forms it declines arrive again,
+    materialized, and are counted then)."""
+
+    def __init__(self, sink: Sink, params: Mapping[str, Tensor]) -> None:
+        self.sink, self.shapes = sink, {n: p.shape for n, p in params.items()}
+        self.sums: dict[str, Tensor] = {}
+        self.sq: dict[str, Tensor] = {}
+
+    def _add(self, name: str, total: Tensor, sq: Tensor) -> None:
+        self.sums[name] = self.sums[name] + total if name in self.sums else total
+        self.sq[name] = self.sq[name] + sq if name in self.sq else sq
+
+    def grads(self, name: str, g: Tensor) -> None:
+        self._add(name, g.sum(0), sq_norms(g))
+        self.sink.grads(name, g)
+
+    def weight_form(self, name, blocks) -> bool:
+        if not self.sink.weight_form(name, blocks):
+            return False
+        shape, first = self.shapes[name], blocks[0].b
+        total = torch.zeros(shape[0], math.prod(shape[1:]), dtype=first.dtype, device=first.device)
+        sq = []
+        size = first.shape[0]
+        for blk in blocks:  # one weight's blocks are disjoint rows: their squared norms add
+            step = max(1, _CHUNK // max(1, blk.t * (blk.d + blk.p)))  # a few examples' forms at a time
+            parts = []
+            for s in range(0, size, step):
+                part = blk.rows(slice(s, s + step))
+                a = part.a
+                total[blk.offset : blk.offset + blk.p] += part.b.flatten(0, 1).t() @ a.flatten(0, 1)
+                parts.append(linear_form_norms(a, part.b)[0])
+            sq.append(torch.cat(parts))
+        self._add(name, total.view(shape), sum(sq))
+        return True
+
+    def sum_form(self, name, sums) -> bool:
+        if not self.sink.sum_form(name, sums):
+            return False
+        total = torch.zeros(self.shapes[name], dtype=sums[0][1].dtype, device=sums[0][1].device)
+        for off, s in sums:
+            total[off : off + s.shape[1]] += s.sum(0)
+        self._add(name, total, sum(sq_norms(s) for _, s in sums))
+        return True
+
+    def check(self, params, batch_grads, owners, size: int, where: str) -> None:
+        """:func:`check` of what passed through, every parameter in ``params`` (zero where nothing came)."""
+        sums, norm_sums = {}, {}
+        for name, p in params.items():
+            total = self.sums.get(name)
+            sums[name] = torch.zeros_like(p) if total is None else total
+            sq = self.sq.get(name)
+            norm_sums[name] = 0.0 if sq is None else float(sq.double().clamp(min=0).sqrt().sum())
+        check(sums, batch_grads, norm_sums, owners, where)

@@ -28,6 +28,7 @@ from ..errors import PsgradError
 from ..rules import DEFAULT
 from ..rules.base import SMALL_PER_SAMPLE, Rule, materialize, sq_norms, weighted_sum, weighted_sums
 from ..rules.call import Call
+from ..rules.sink import Renamed, Sink
 from . import consistency
 from .base import Engine
 from .plan import Planned, Trace, owners, plan, refusing, rule_for, running
@@ -145,6 +146,29 @@ class HooksEngine(Engine):
             model, loss_fn, batch, params, where, keep, check, trace, hoisted=hoisted, **options))
 
     def _norms_once(self, model, loss_fn, batch, params, where, keep, check, trace, **options) -> _Norms:
+        def visit(result: _Norms, item: Planned, rule: Rule, calls: list[Call], single: dict[str, str]) -> bool:
+            with running(item, rule, trace, len(calls)):
+                norms, cache = rule.norm_sample(item.unit.module, calls, list(single))
+            for loc, value in norms.items():
+                result.sq[single[loc]] = value
+            if keep:
+                result.kept.append(_Kept(item, rule, calls, single, cache))
+            return keep
+
+        result = self._walk(model, loss_fn, batch, params, where, check, trace, visit, **options)
+        for name, g in result.shared.items():
+            result.sq[name] = sq_norms(g)
+        for name, p in params.items():
+            if name not in result.sq:
+                result.sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)
+        return result
+
+    def _walk(self, model, loss_fn, batch, params, where, check, trace, visit, **options) -> _Norms:
+        """Capture, then per unit, as soon as all its calls have their gradients, ``visit(result, item, rule,
+        calls, single)`` for each rule among its calls, with the parameters it alone owns (``{local: result
+        name}``); it returns whether it keeps the calls. Parameters owned by several units or split between rules
+        need the cross terms of their uses: their per-sample gradients are materialized and summed into
+        ``result.shared``. The captured tensors of calls nobody keeps are released right away."""
         planned, capture = self._plan(model, batch, params, where, trace=trace, **options)
         of_unit = {id(p.unit): p for p in planned}
         counts: dict[str, int] = {}
@@ -160,24 +184,15 @@ class HooksEngine(Engine):
                 if call.has_grads():
                     rule = rule_for(item, call, trace)
                     by_rule.setdefault(id(rule), (rule, []))[1].append(call)
-            kept = False  # whether the clipped sum will still read this unit's calls
+            kept = False  # whether a later step will still read this unit's calls
             for rule, calls in by_rule.values():
-                # a parameter owned by several modules, or split between rules, needs the cross terms of
-                # its uses: its per-sample gradient is materialized (summed) instead
                 single = {loc: name for loc, name in item.names.items() if counts[name] == 1 and len(by_rule) == 1}
                 multi = {loc: name for loc, name in item.names.items() if loc not in single}
-                with running(item, rule, trace, len(calls)):
-                    if single:
-                        norms, cache = rule.norm_sample(item.unit.module, calls, list(single))
-                    if multi:
-                        materialized = materialize(rule, item.unit.module, calls, list(multi))
                 if single:
-                    for loc, value in norms.items():
-                        result.sq[single[loc]] = value
-                    if keep:
-                        result.kept.append(_Kept(item, rule, calls, single, cache))
-                        kept = True
+                    kept = visit(result, item, rule, calls, single) or kept
                 if multi:
+                    with running(item, rule, trace, len(calls)):
+                        materialized = materialize(rule, item.unit.module, calls, list(multi))
                     for loc, g in materialized.items():
                         name = multi[loc]
                         result.shared[name] = result.shared[name] + g if name in result.shared else g
@@ -196,13 +211,32 @@ class HooksEngine(Engine):
             waiting.update({id(p.unit): len(p.unit.calls) for p in planned})
             found = capture.backward(losses.sum(), on_ready, list(params.values()) if check else ())
         result.batch_grads = dict(zip(params, found))
-        for name, g in result.shared.items():
-            result.sq[name] = sq_norms(g)
-        for name, p in params.items():
-            if name not in result.sq:
-                result.sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)
         result.losses = losses.detach()
         return result
+
+    def reduce(self, model, loss_fn, batch, params, sink: Sink, check: bool = False, context: str = "reduce",
+               trace: Trace | None = None, **options) -> Tensor:
+        """Each parameter's per-sample gradients handed to ``sink`` unit by unit, as the backward reaches them
+        (see :meth:`Engine.reduce`); only one unit's are ever materialized at a time."""
+        def attempt(hoisted):
+            sink.reset()
+            tally = consistency.Tally(sink, params) if check else None
+            target = sink if tally is None else tally
+
+            def visit(result, item, rule, calls, single) -> bool:
+                with running(item, rule, trace, len(calls)):
+                    rule.reduce(item.unit.module, calls, list(single), Renamed(target, single))
+                return False
+
+            result = self._walk(model, loss_fn, batch, params, context, check, trace, visit, hoisted=hoisted,
+                                **options)
+            for name, g in result.shared.items():
+                target.grads(name, g)
+            if tally is not None:
+                tally.check(params, result.batch_grads, result.owners, batch.size, context)
+            return result.losses
+
+        return _hoisting(model, attempt)
 
     def norms(self, model, loss_fn, batch, params, check: bool = False, **options):
         where = "per_sample_norms"

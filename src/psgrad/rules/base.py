@@ -5,6 +5,8 @@ owns (by local name):
 - ``grad_sample``: per-sample gradients ``[B, *p.shape]``, written (or added) into given buffers;
 - ``norm_sample``: per-sample squared norms ``[B]`` of the sum over all calls, plus a cache the rule owns;
 - ``clipped_sum``: ``sum_i c_i g_i`` given the clipping factors ``c``, reusing that cache.
+- ``reduce``: each parameter handed to a :class:`~psgrad.rules.sink.Sink` (attribution's dot products, Gram
+  matrices, projections), materialized by default, as its linear form by :class:`~psgrad.rules.forms.LinearFormRule`.
 Only ``grad_sample`` is required. The defaults of the other two materialize it per module (transiently) and
 keep it in a :class:`PerSample` cache; a rule that keeps them declares ``keeps_per_sample = True`` (inherited),
 which lets an engine sum several such modules' clipped sums at once; a rule with its own clipped sum declares
@@ -36,8 +38,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._memory import alloc as _alloc
 from .._memory import stream as _stream
 from .call import Call
+from .sink import Sink
 
 
 @dataclass
@@ -134,6 +138,12 @@ class Rule:
         Default: the weighted sum of the cached per-sample gradients."""
         return {n: weighted_sum(c, cache.grads[n]) for n in names}
 
+    def reduce(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], sink: Sink) -> None:
+        """Hand each parameter in ``names`` (its per-sample gradient summed over ``calls``) to ``sink``
+        (:mod:`psgrad.rules.sink`). Default: materialized, one parameter at a time."""
+        for name in names:
+            sink.grads(name, materialize_one(self, module, calls, name))
+
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -218,6 +228,17 @@ def materialize(rule: Rule, module: nn.Module, calls: Sequence[Call], names: Seq
     for i, call in enumerate(calls):
         rule.grad_sample(module, call, dest, accumulate=i > 0)
     return dest
+
+
+def materialize_one(rule: Rule, module: nn.Module, calls: Sequence[Call], name: str) -> Tensor:
+    """Per-sample gradients of one parameter summed over ``calls``, in a reused scratch block for a consumer that
+    is done with them before the next such call (a fresh tensor where it still holds the last one; NOTE [scratch
+    for temporaries] in :mod:`psgrad._memory.alloc`): gigabytes of fresh pages per call cost page faults."""
+    p = module.get_parameter(name)
+    dest = {name: _alloc.scratch("reduce", (calls[0].batch_size, *p.shape), p.dtype, p.device)}
+    for i, call in enumerate(calls):
+        rule.grad_sample(module, call, dest, accumulate=i > 0)
+    return dest[name]
 
 
 def put(dest: Tensor, value: Tensor, accumulate: bool) -> None:

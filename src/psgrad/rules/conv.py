@@ -31,10 +31,20 @@ from torch import Tensor, nn
 from .._memory import alloc as _alloc
 from .._memory import stream as _stream
 from ..errors import UnsupportedModelError
-from .base import Rule, ghost_is_cheaper, linear_form_norms, put, sq_norms, weighted_sum, write_products
+from .base import (
+    Rule,
+    ghost_is_cheaper,
+    linear_form_norms,
+    materialize_one,
+    put,
+    sq_norms,
+    weighted_sum,
+    write_products,
+)
 from .call import Call
 from .conv_gram import ghost_without_patches
 from .registry import DEFAULT
+from .sink import Sink
 
 _WEIGHT_GRAD: dict[int, Callable[..., Tensor]] = {
     1: torch.nn.grad.conv1d_weight,
@@ -185,6 +195,37 @@ def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, a
     write_products(view, x, y, accumulate)
 
 
+class _PatchBlock:
+    """Group ``j`` of one call as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is made only if
+    asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
+
+    def __init__(self, module: nn.Module, x: Tensor, pad: tuple[int, ...], j: int, b: Tensor) -> None:
+        self.module, self.x, self.pad, self.j, self.b = module, x, pad, j, b
+        self.offset = j * b.shape[2]
+        self.d = module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    t = property(lambda self: self.b.shape[1])
+    p = property(lambda self: self.b.shape[2])
+
+    def _group(self) -> Tensor:
+        c = self.module.in_channels // self.module.groups
+        return self.x if self.module.groups == 1 else self.x[:, self.j * c : (self.j + 1) * c]
+
+    @property
+    def a(self) -> Tensor:  # [B, T, d]
+        return _patches(self.module, self._group(), self.pad, rows=True)
+
+    def rows(self, examples: slice) -> _PatchBlock:
+        return _PatchBlock(self.module, self.x[examples], self.pad, self.j, self.b[examples])
+
+    def a_times(self, w: Tensor) -> Tensor:
+        m = self.module
+        n = len(m.kernel_size)
+        kernel = w.reshape(w.shape[0], m.in_channels // m.groups, *m.kernel_size)
+        out = getattr(F, f"conv{n}d")(self._group(), kernel, None, m.stride, self.pad, m.dilation)
+        return out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
+
+
 @dataclass
 class ConvCache:
     """What the clipped sum of one convolution needs, by how its weight norm was taken: the materialized
@@ -253,6 +294,25 @@ class ConvRule(Rule):
                 dest["bias"].add_(flat.sum(2))
             else:
                 torch.sum(flat, 2, out=dest["bias"])
+
+    def reduce(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], sink: Sink) -> None:
+        """One call: the weight offered as per-group blocks whose patches are made only if the sink asks for
+        them, the bias as its per-sample sums; several calls, or what the sink declines: materialized."""
+        if len(calls) != 1:
+            return super().reduce(module, calls, names, sink)
+        call, g = calls[0], module.groups
+        grad = call.grad(0)
+        if "weight" in names:
+            x, pad = _padded_input(module, call.arg(0))
+            per_group = grad.reshape(grad.shape[0], g, module.out_channels // g, -1)
+            blocks = [_PatchBlock(module, x, pad, j, per_group[:, j].transpose(1, 2)) for j in range(g)]
+            if not sink.weight_form("weight", blocks):
+                sink.grads("weight", materialize_one(self, module, calls, "weight"))
+        if "bias" in names:
+            s = grad.reshape(grad.shape[0], module.out_channels, -1).sum(2)
+            if not sink.sum_form("bias", [(0, s)]):
+                sink.grads("bias", s)
+        return None
 
     def norm_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> tuple[dict[str, Tensor], ConvCache]:
         bsz, g = calls[0].batch_size, module.groups

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._memory import alloc as _alloc
 from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms, weighted_sum, write_products
 from .call import Call
+from .sink import Sink
 
 
 @dataclass
@@ -36,6 +38,26 @@ class Block:
     offset: int
     a: Tensor
     b: Tensor
+
+    @property
+    def t(self) -> int:
+        return self.b.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.a.shape[2]
+
+    @property
+    def p(self) -> int:
+        return self.b.shape[2]
+
+    def a_times(self, m: Tensor) -> Tensor:
+        """``a m^T`` for ``m: [k, d]``: ``[B, T, k]`` (a rule whose ``a`` is costly to form computes it otherwise)."""
+        return self.a @ m.t()
+
+    def rows(self, examples: slice) -> Block:
+        """The same block for some examples only."""
+        return Block(self.offset, self.a[examples], self.b[examples])
 
 
 @dataclass
@@ -138,6 +160,33 @@ class LinearFormRule(Rule):
             if name in names:
                 out[name] = weighted_sum(c, value)
         return out
+
+
+    def reduce(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], sink: Sink) -> None:
+        """Each weight offered to ``sink`` as its blocks, each bias-like vector as its sums; what the sink
+        declines is materialized from the same forms (one parameter at a time)."""
+        forms = Forms.concat([self.forms(module, c, names) for c in calls])
+        batch = calls[0].batch_size
+        for name, blocks in forms.weights.items():
+            if name in names and not sink.weight_form(name, blocks):
+                p = module.get_parameter(name)
+                g = _alloc.scratch("reduce", (batch, *p.shape), p.dtype, p.device)  # see materialize_one
+                if sum(blk.p for blk in blocks) != p.shape[0] or len(blocks) > 1:
+                    g.zero_()
+                for blk in blocks:
+                    rows = g[:, blk.offset : blk.offset + blk.p]
+                    write_products(rows, blk.b.transpose(1, 2), blk.a, len(blocks) > 1)
+                sink.grads(name, g)
+        for name, sums in forms.sums.items():
+            if name in names and not sink.sum_form(name, sums):
+                p = module.get_parameter(name)
+                g = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
+                for off, s in sums:
+                    g[:, off : off + s.shape[1]] += s
+                sink.grads(name, g)
+        for name, value in forms.extra.items():
+            if name in names:
+                sink.grads(name, value)
 
 
 def _total(values: list[Tensor]) -> Tensor:

@@ -1,0 +1,57 @@
+"""What a reduction over per-sample gradients receives from the rules: one parameter at a time, either
+materialized or, where the rule has it, as the linear form it is made of.
+
+A :class:`Sink` stands for any quantity that is a sum over parameters of something computed from one
+parameter's per-sample gradients alone: dot products with queries, Gram matrices, random projections. The rule
+of a module hands each of its parameters (by local name) to :meth:`Sink.grads` as ``[B, *shape]``, or first
+offers it to :meth:`Sink.weight_form` / :meth:`Sink.sum_form` as the blocks that make it up (see
+:mod:`psgrad.rules.forms`); a sink that returns False there gets it materialized. Sinks decide what is cheaper;
+rules decide nothing about cost. Rules know nothing of engines, which adapt the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+
+class Sink:
+    """The receiving end of :meth:`psgrad.rules.base.Rule.reduce`."""
+
+    def reset(self) -> None:
+        """Forget everything received: an engine calls it before each attempt (a retry starts afresh)."""
+
+    def grads(self, name: str, g: Tensor) -> None:
+        """The per-sample gradients ``[B, *shape]`` of parameter ``name`` (summed over its calls)."""
+        raise NotImplementedError
+
+    def weight_form(self, name: str, blocks: Sequence[Any]) -> bool:
+        """Parameter ``name`` (2-D) as :class:`~psgrad.rules.forms.Block` s: rows ``offset : offset + p`` of
+        example i's gradient are ``b_i^T a_i``; rows no block covers are zero. True if consumed."""
+        return False
+
+    def sum_form(self, name: str, sums: Sequence[tuple[int, Tensor]]) -> bool:
+        """Parameter ``name`` (1-D) as ``(offset, s [B, p])`` parts: entries ``offset : offset + p`` of example
+        i's gradient are ``s_i``; entries no part covers are zero. True if consumed."""
+        return False
+
+
+class Renamed(Sink):
+    """A sink seen through other names: a rule's local parameter names mapped to the sink's."""
+
+    def __init__(self, sink: Sink, names: dict[str, str]) -> None:
+        self.sink, self.names = sink, names
+
+    def reset(self) -> None:
+        self.sink.reset()
+
+    def grads(self, name: str, g: Tensor) -> None:
+        self.sink.grads(self.names[name], g)
+
+    def weight_form(self, name: str, blocks: Sequence[Any]) -> bool:
+        return self.sink.weight_form(self.names[name], blocks)
+
+    def sum_form(self, name: str, sums: Sequence[tuple[int, Tensor]]) -> bool:
+        return self.sink.sum_form(self.names[name], sums)
