@@ -242,3 +242,27 @@ def test_max_time_stops_further_repeats_but_times_one_call():
     assert len(times) == 3
     stats = summarize(times)
     assert stats["rounds"] == 3 and stats["min"] <= stats["median"] and stats["iqr"] >= 0
+
+
+def small(batch_size: int, device: torch.device) -> Workload:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 16, 4)).to(device)
+    x = torch.randn(batch_size, 1, 6, 6, device=device)
+    y = torch.randint(0, 4, (batch_size,), device=device)
+    return Workload("small", model, x, y, nn.CrossEntropyLoss(reduction="none"))
+
+
+@pytest.mark.parametrize("task,modes", [("dots", ["fresh"]), ("gram", ["fresh"]), ("project", ["kronecker", "dense"])])
+def test_attribution_tasks_are_measured_and_checked(tmp_path, task, modes):
+    """Each attribution task times its primitive and checks it against the float64 loop (projections with the
+    projector's own matrices)."""
+    out = tmp_path / "run.json"
+    code = main(["--workloads", f"{__name__}:small", "--batch-sizes", "3", "--engines", "hooks", "--repeats", "1",
+                 "--warmup", "0", "--task", task, "--device", "cpu", "--json", str(out)])
+    document = json.loads(out.read_text())
+    rows = {(e["params"]["engine"], e["params"]["mode"]): e for e in document["benchmarks"]}
+    assert code == 0 and document["settings"]["task"] == task
+    for mode in modes:
+        row = rows["hooks", mode]
+        assert row["status"] == "ok", row.get("reason")
+        assert row["agreement"]["ok"] and 0 <= row["agreement"]["max_rel_err"] <= row["agreement"]["tolerance"]

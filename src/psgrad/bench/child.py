@@ -125,7 +125,27 @@ def _make_step(spec: RowSpec, w: Any, device: torch.device, max_norm: float | No
         return lambda: psgrad.per_sample_norms(model, loss_fn, x, y, engine=engine)
     if spec.task == "clipped":
         return lambda: psgrad.clipped_grad_sum(model, loss_fn, x, y, max_norm, engine=engine)
+    if spec.task == "dots":
+        query = _queries(model)
+        return lambda: psgrad.per_sample_dots(model, loss_fn, x, y, query, engine=engine)
+    if spec.task == "gram":
+        return lambda: psgrad.per_sample_gram(model, loss_fn, x, y, engine=engine)
+    if spec.task == "project":
+        projector = psgrad.Projector(model, PROJECTION_DIM, kind=spec.mode, seed=0)
+        return lambda: psgrad.project(model, loss_fn, x, y, projector, engine=engine)
     raise ValueError(f"unknown task {spec.task!r}")
+
+
+#: the bench's attribution rows: queries of the dots task, features of the project task
+QUERIES, PROJECTION_DIM = 16, 1024
+
+
+def _queries(model: Any) -> Tensor:
+    """``[QUERIES, P]`` seeded Gaussian query vectors for the trainable parameters (the same in every row)."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(0)
+    p = next(p for p in model.parameters() if p.requires_grad)
+    return torch.randn(QUERIES, total, generator=g).to(device=p.device, dtype=p.dtype)
 
 
 def _opacus_dp_step(spec: RowSpec, w: Any, max_norm: float | None) -> Step:
@@ -162,6 +182,8 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
     if spec.task == "clipped":
         truth, scale, note = _clipped_truth(w, max_norm)
         got, checked = result, spec.batch_size
+    elif spec.task in ("dots", "gram", "project"):
+        truth, got, checked = _attribution_truth(spec, w, result, k)
     else:
         first = Batch.make(w.inputs, w.targets, "psgrad bench").select(slice(0, k))
         grads = psgrad.per_sample_grads(w.model, w.loss_fn, first.inputs, first.targets, engine="loop",
@@ -177,6 +199,37 @@ def _agreement(spec: RowSpec, w: Any, result: Any, max_norm: float | None) -> di
         "max_rel_err": worst.rel_err, "examples_checked": checked, "tolerance": tolerance(dtype),
         "ok": all(p.ok for p in per_param), "worst_parameter": worst.name, "note": note,
     }
+
+
+def _attribution_truth(spec: RowSpec, w: Any, result: Tensor, k: int) -> tuple[dict, dict, int]:
+    """The first ``k`` examples' rows of a dots, gram or project result, and the same from the float64 loop's
+    per-sample gradients (projections: with the projector's own matrices, one parameter's rows at a time)."""
+    import psgrad
+    from psgrad.batch import Batch
+
+    first = Batch.make(w.inputs, w.targets, "psgrad bench").select(slice(0, k))
+    grads = psgrad.per_sample_grads(w.model, w.loss_fn, first.inputs, first.targets, engine="loop",
+                                    dtype=torch.float64)
+    flat = torch.cat([g.reshape(k, -1) for g in grads.values()], 1).cpu()
+    if spec.task == "dots":
+        want = flat @ _queries(w.model).double().cpu().t()
+    elif spec.task == "gram":
+        want, result = flat @ flat.t(), result[:, :k]
+    else:
+        projector = psgrad.Projector(w.model, PROJECTION_DIM, kind=spec.mode, seed=0)
+        want, start = torch.zeros(k, PROJECTION_DIM, dtype=torch.float64), 0
+        for name, g in grads.items():
+            size = g[0].numel()
+            if spec.mode == "dense":
+                for first_row, block in projector.blocks(name, dtype=torch.float64):
+                    want += flat[:, start + first_row : start + first_row + block.shape[0]] @ block
+            else:
+                part = projector.parts[name]
+                p_out, p_in = projector.factors(name, dtype=torch.float64)
+                view = flat[:, start : start + size].view(k, part.rows, part.cols)
+                want[:, part.offset : part.offset + part.size] = (p_out @ view @ p_in.t()).reshape(k, -1)
+            start += size
+    return {spec.task: want}, {spec.task: result[:k].detach().double().cpu()}, k
 
 
 def _clipped_truth(w: Any, max_norm: float | None) -> tuple[dict[str, Tensor], dict[str, float], str]:

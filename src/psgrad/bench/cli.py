@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from psgrad.verify import TASKS
+from psgrad.verify import TASKS as VERIFY_TASKS
+
+#: the attribution primitives' tasks, measured beside verify's
+ATTRIBUTION_TASKS = ("dots", "gram", "project")
+TASKS = (*VERIFY_TASKS, *ATTRIBUTION_TASKS)
 
 EXAMPLES = """\
 rows: per workload and batch size, plain (forward + backward of the summed loss) and ref (plain + one fill
@@ -81,7 +85,9 @@ def parser() -> argparse.ArgumentParser:
                            "step, added for --task clipped")
     what.add_argument("--task", choices=TASKS, default="grads",
                       help="grads: per_sample_grads; norms: per_sample_norms; clipped: clipped_grad_sum with "
-                           "max_norm half the median per-sample norm (default: grads)")
+                           "max_norm half the median per-sample norm; dots: per_sample_dots with 16 random "
+                           "queries; gram: per_sample_gram of the batch; project: psgrad.project to 1024 "
+                           "features, kronecker and dense (default: grads)")
     what.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     what.add_argument("--tf32", action="store_true",
                       help="on CUDA, let convolutions and matrix products round their inputs to TF32 (PyTorch's "

@@ -22,7 +22,11 @@ MEMORY_FACTORS = {
     "clipped": {"ref": 1.0, "hooks": 0.5, "loop": 1.5, "vmap": 2.0, "expanded": 2.0, "opacus": 2.0,
                 f"{DP_PEER}:hooks": 2.0, f"{DP_PEER}:ghost": 0.5},
 }
+for _task in ("dots", "gram", "project"):  # per-layer reductions: hooks holds one layer at a time
+    MEMORY_FACTORS[_task] = {"ref": 1.0, "hooks": 0.5, "loop": 1.5, "vmap": 2.0, "expanded": 2.0, "opacus": 2.0}
 DEFAULT_FACTOR = 2.0
+#: the modes of each task (default: one, "fresh"): the projector kinds of the project task
+TASK_MODES = {"project": ["kronecker", "dense"]}
 #: the share of the available memory a row may be predicted to use
 MEMORY_MARGIN = 0.9
 
@@ -98,7 +102,8 @@ def make_plan(
                     variant, note = ("oop", OOP_NOTE.format(twin=twin)) if twin else ("", "")
                     specs = [row(engine, mode, variant, note) for mode in DP_MODES]
                 else:
-                    modes = ["fresh", "out"] if (task == "grads" and engine in OUT_ENGINES) else ["fresh"]
+                    modes = ["fresh", "out"] if (task == "grads" and engine in OUT_ENGINES) else \
+                        TASK_MODES.get(task, ["fresh"])
                     specs = [row(engine, mode) for mode in modes]
                     if engine == "opacus" and twin:
                         specs.append(row(engine, "fresh", "oop", OOP_NOTE.format(twin=twin)))
