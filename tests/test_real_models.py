@@ -200,6 +200,28 @@ def test_peer_exact_or_raises(case_id, engine):
     assert_exact(out.grads, expected(case_id), built(case_id)[0], f"{engine} on {case_id}")
 
 
+# ----------------------------------------------------------------------------------------------- 3b. attribution
+@pytest.mark.parametrize("case_id", IDS)
+def test_hooks_attribution(case_id):
+    """The hooks engine's per-sample Gram matrix and kronecker projection against the truth's (the projection: with
+    the projector's own matrix, one parameter's rows at a time), the model left as found."""
+    model, loss_fn, inputs, targets = built(case_id)
+    grads = expected(case_id)
+    flat = torch.cat([g.reshape(len(g), -1) for g in grads.values()], 1)  # named_parameters order, trainable
+    proj = psgrad.Projector(model, max(64, 2 * len(grads)), seed=0)
+    before = fingerprint(model)
+    gram = psgrad.per_sample_gram(model, loss_fn, inputs, targets, engine="hooks")
+    z = psgrad.project(model, loss_fn, inputs, targets, proj, engine="hooks")
+    assert fingerprint(model) == before, "hooks changed the model"
+    want, start = 0, 0
+    for name, g in grads.items():
+        size = g[0].numel()
+        want = want + flat[:, start : start + size] @ proj.dense(torch.float64, names=[name])
+        start += size
+    assert_close_to_truth({"gram": gram, "projection": z}, {"gram": flat @ flat.t(), "projection": want}, F32,
+                          label=f"hooks attribution on {case_id}")
+
+
 # ----------------------------------------------------------------------------------------------- 4. auto
 @pytest.mark.parametrize("case_id", IDS)
 def test_auto_does_not_end_at_the_loop(case_id):
