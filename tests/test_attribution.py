@@ -4,6 +4,7 @@ family and on the suite's workloads; the projector's properties; errors; that no
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from unittest import mock
@@ -358,3 +359,33 @@ def test_convolutions_project_without_patches(conv):
             _close(psgrad.project(conv, _sq, x, y, proj, engine="hooks", check=True), G @ proj.dense(torch.float64), kind)
         _close(psgrad.per_sample_gram(conv, _sq, x, y, engine="hooks", check=True), G @ G.t(), "gram")
     assert seen == [True, False], seen  # kronecker took the form, dense declined it
+
+
+def test_embeddings_by_their_rows():
+    """An embedding's weight goes to the sinks as (indices, output gradients), so no [B, V, d] gradient is built:
+    dots, Gram and kronecker projection exact with a padding row, repeated tokens and the check on; the dense
+    projection declines the form (and materializes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(500, 6, padding_idx=0), nn.Tanh(), nn.Linear(6, 2))
+    x = torch.randint(0, 5, (4, 7))  # few distinct tokens: repeats, and the padding index 0
+    y = torch.randn(4, 7, 2)
+    G = _flat_truth(model, _sq, x, y)
+    query = torch.randn(3, G.shape[1])
+    taken = []
+    original = {cls: cls.rows_form for cls in (sinks.Dots, sinks.Gram, sinks.Projected)}
+
+    def spy(cls):
+        def rows_form(self, name, idx, b):
+            taken.append((cls.__name__, original[cls](self, name, idx, b)))
+            return taken[-1][1]
+        return rows_form
+
+    with contextlib.ExitStack() as stack:
+        for cls in original:
+            stack.enter_context(mock.patch.object(cls, "rows_form", spy(cls)))
+        _close(psgrad.per_sample_dots(model, _sq, x, y, query, engine="hooks", check=True), G @ query.double().t(), "dots")
+        _close(psgrad.per_sample_gram(model, _sq, x, y, engine="hooks", check=True), G @ G.t(), "gram")
+        for kind in ("kronecker", "dense"):
+            proj = psgrad.Projector(model, 40, kind=kind, seed=1)
+            _close(psgrad.project(model, _sq, x, y, proj, engine="hooks", check=True), G @ proj.dense(torch.float64), kind)
+    assert taken == [("Dots", True), ("Gram", True), ("Projected", True), ("Projected", False)], taken

@@ -15,7 +15,11 @@ k_o x k_i the block's projection:
                   Gram B B' T^2 (p + d)  (the ghost product <a_i a_j^T, b_i b_j^T>, Li et al. 2021)
                   kronecker N T (p k_o + d k_i + k_o k_i)  ((b P_o^T)^T (a P_i^T), Choe et al. 2024)
 
-Bias-like sums (``s_i [p]``) are always used as they are. Results are accumulated in float64 over parameters.
+An embedding's weight ``[V, d]`` comes as its rows form (``idx: [B, T]``, ``b: [B, T, d]``): dots gather the
+queries' rows (``B T Q d``, always taken), Gram products compare indices (``B B' T^2 d`` against forming
+``N V d`` and ``B B' V d``), kronecker projections gather columns of ``P_o``; the ``[B, V, d]`` gradient is then
+never formed. Bias-like sums (``s_i [p]``) are always used as they are. Results are accumulated in float64 over
+parameters.
 """
 
 from __future__ import annotations
@@ -91,13 +95,24 @@ class Dots(_Accumulating):
             self._add(s @ q[:, off : off + s.shape[1]].t())
         return True
 
+    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+        """``<G_i, Q_j> = sum_t Q_j[idx_it] . b_it``: the query rows gathered, ``B T Q d`` (always cheaper than
+        forming ``[B, V, d]`` and its product with the queries)."""
+        q = self._q(name, b)
+        n_q, (bsz, t, d) = q.shape[0], b.shape
+        step = max(1, CHUNK_ELEMENTS // max(1, bsz * t * d))
+        for j in range(0, n_q, step):
+            rows = q[j : j + step][:, idx]  # [Qc, B, T, d]
+            self._add(torch.einsum("qbtd,btd->bq", rows, b), slice(j, j + rows.shape[0]))
+        return True
+
 
 class Gram(_Accumulating):
     """``[B, B']``: ``<g_i, g_j>`` for examples ``i < split`` and ``j >= split`` of one batch (or all pairs of
     the batch, ``split = None``)."""
 
-    def __init__(self, size: int, split: int | None) -> None:
-        self.split = split
+    def __init__(self, size: int, split: int | None, vocab: dict[str, int] | None = None) -> None:
+        self.split, self.vocab = split, vocab or {}  # rows of each weight (for the cost of a rows form)
         rows = size if split is None else split
         super().__init__(rows, size if split is None else size - split)
 
@@ -131,6 +146,23 @@ class Gram(_Accumulating):
         for _, s in sums:
             left, right = self._sides(s)
             self._add(left @ right.t())
+        return True
+
+    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+        """``<G_i, G_j> = sum_{t, s} [idx_it = idx_js] b_it . b_js`` where ``T^2`` is cheaper than ``V``."""
+        rows, cols = self.shape
+        (size, t, d), vocab = b.shape, self.vocab.get(name, 0)
+        if rows * cols * t * t * d > size * t * d + rows * cols * vocab * d:  # NOTE [attribution costs]
+            return False
+        i1, i2 = self._sides(idx)
+        b1, b2 = self._sides(b)
+        step = max(1, CHUNK_ELEMENTS // max(1, cols * t * t))
+        for i in range(0, rows, step):
+            sl = slice(i, i + step)
+            n = i1[sl].shape[0]
+            same = i1[sl].reshape(n, t, 1, 1) == i2.reshape(1, 1, cols, t)
+            bb = (b1[sl].reshape(-1, d) @ b2.reshape(-1, d).t()).view(n, t, cols, t)
+            self._add(bb.mul_(same).sum((1, 3)), rows=sl)
         return True
 
 
@@ -193,6 +225,17 @@ class Projected(_Accumulating):
             term = bp.transpose(1, 2) @ ap
             z = term if z is None else z.add_(term)
         self._add(z.reshape(n, -1), slice(part.offset, part.offset + part.size))
+        return True
+
+    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+        """kronecker: ``sum_t P_o[:, idx_t] (P_i b_t)^T``, the columns of ``P_o`` gathered."""
+        proj = self.projector
+        if proj.kind != "kronecker":
+            return False
+        part = proj.parts[name]
+        p_out, p_in = proj.factors(name, b.device, b.dtype)
+        z = p_out.t()[idx].transpose(1, 2) @ (b @ p_in.t())  # [B, k_o, T] @ [B, T, k_i]
+        self._add(z.reshape(b.shape[0], -1), slice(part.offset, part.offset + part.size))
         return True
 
     def sum_form(self, name: str, sums: Sequence[tuple[int, Tensor]]) -> bool:

@@ -130,6 +130,15 @@ class Tally(Sink):
         self._add(name, total, sum(sq_norms(s) for _, s in sums))
         return True
 
+    def rows_form(self, name, idx, b) -> bool:
+        if not self.sink.rows_form(name, idx, b):
+            return False
+        total = torch.zeros(self.shapes[name], dtype=b.dtype, device=b.device)
+        total.index_add_(0, idx.reshape(-1), b.reshape(-1, b.shape[2]))
+        same = idx.unsqueeze(2) == idx.unsqueeze(1)  # [B, T, T]: sum_{t, s} [idx_t = idx_s] b_t . b_s
+        self._add(name, total, (torch.bmm(b, b.transpose(1, 2)) * same).sum((1, 2)))
+        return True
+
     def check(self, params, batch_grads, owners, size: int, where: str) -> None:
         """:func:`check` of what passed through, every parameter in ``params`` (zero where nothing came)."""
         sums, norm_sums = {}, {}

@@ -11,7 +11,8 @@ the weight that autograd differentiates is not the parameter as it was before th
 ``scale_grad_by_freq`` divides by token counts over the whole batch (the public API refuses such models
 before any engine runs).
 
-nn.EmbeddingBag has no rule here; it goes to the generic rule.
+For the attribution sinks (:meth:`EmbeddingRule.reduce`) the weight is offered as ``(idx, b)`` itself, the rows
+form of :meth:`psgrad.rules.sink.Sink.rows_form`. nn.EmbeddingBag has its own rule (``embedding_bag.py``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .base import Rule
+from .base import Rule, materialize_one
 from .call import Call
 from .registry import DEFAULT
+from .sink import Sink
 
 
 def _segments(idx: Tensor) -> Tensor:
@@ -106,6 +108,16 @@ class EmbeddingRule(Rule):
             w.view(-1, d).index_add_(0, (idx + offsets).view(-1), b.reshape(-1, d))
         else:
             w.scatter_add_(1, idx.unsqueeze(-1).expand(bsz, t, d), b)
+
+    def reduce(self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str], sink: Sink) -> None:
+        """The weight offered as its rows form (indices and output gradients, all calls concatenated), so that
+        the ``[B, V, d]`` gradient need not be built; materialized where the sink declines."""
+        if "weight" not in names:
+            return
+        parts = [_forms(module, c) for c in calls]
+        idx, b = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+        if not sink.rows_form("weight", idx, b):
+            sink.grads("weight", materialize_one(self, module, calls, "weight"))
 
     def norm_sample(
         self, module: nn.Embedding, calls: Sequence[Call], names: Sequence[str]
