@@ -375,8 +375,8 @@ def test_embeddings_by_their_rows():
     original = {cls: cls.rows_form for cls in (sinks.Dots, sinks.Gram, sinks.Projected)}
 
     def spy(cls):
-        def rows_form(self, name, idx, b):
-            taken.append((cls.__name__, original[cls](self, name, idx, b)))
+        def rows_form(self, name, idx, b, rows):
+            taken.append((cls.__name__, original[cls](self, name, idx, b, rows)))
             return taken[-1][1]
         return rows_form
 

@@ -90,9 +90,8 @@ def per_sample_gram(
     """
     where = "per_sample_gram"
     batch, chosen = prepare(model, inputs, targets, params, where)
-    vocab = {n: p.shape[0] for n, p in chosen.items() if p.dim() == 2}
     if other is None:
-        sink = Gram(batch.size, None, vocab)
+        sink = Gram(batch.size, None)
         _reduce(engine, where, model, loss_fn, batch, chosen, engine_options, check, sink)
         return sink.result(_device(chosen))
     if not isinstance(other, (tuple, list)) or len(other) != 2:
@@ -104,7 +103,7 @@ def per_sample_gram(
         sink = Dots(batch.size, queries)
         _reduce(engine, where, model, loss_fn, batch, chosen, engine_options, check, sink)
         return sink.result(_device(chosen))
-    sink = Gram(joined.size, batch.size, vocab)
+    sink = Gram(joined.size, batch.size)
     _reduce(engine, where, model, loss_fn, joined, chosen, engine_options, check, sink)
     return sink.result(_device(chosen))
 

@@ -95,7 +95,7 @@ class Dots(_Accumulating):
             self._add(s @ q[:, off : off + s.shape[1]].t())
         return True
 
-    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+    def rows_form(self, name: str, idx: Tensor, b: Tensor, rows: int) -> bool:
         """``<G_i, Q_j> = sum_t Q_j[idx_it] . b_it``: the query rows gathered, ``B T Q d`` (always cheaper than
         forming ``[B, V, d]`` and its product with the queries)."""
         q = self._q(name, b)
@@ -111,8 +111,8 @@ class Gram(_Accumulating):
     """``[B, B']``: ``<g_i, g_j>`` for examples ``i < split`` and ``j >= split`` of one batch (or all pairs of
     the batch, ``split = None``)."""
 
-    def __init__(self, size: int, split: int | None, vocab: dict[str, int] | None = None) -> None:
-        self.split, self.vocab = split, vocab or {}  # rows of each weight (for the cost of a rows form)
+    def __init__(self, size: int, split: int | None) -> None:
+        self.split = split
         rows = size if split is None else split
         super().__init__(rows, size if split is None else size - split)
 
@@ -148,10 +148,10 @@ class Gram(_Accumulating):
             self._add(left @ right.t())
         return True
 
-    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+    def rows_form(self, name: str, idx: Tensor, b: Tensor, vocab: int) -> bool:
         """``<G_i, G_j> = sum_{t, s} [idx_it = idx_js] b_it . b_js`` where ``T^2`` is cheaper than ``V``."""
         rows, cols = self.shape
-        (size, t, d), vocab = b.shape, self.vocab.get(name, 0)
+        size, t, d = b.shape
         if rows * cols * t * t * d > size * t * d + rows * cols * vocab * d:  # NOTE [attribution costs]
             return False
         i1, i2 = self._sides(idx)
@@ -220,14 +220,14 @@ class Projected(_Accumulating):
         p_out, p_in = proj.factors(name, blocks[0].b.device, blocks[0].b.dtype)
         z = None
         for blk in blocks:
-            bp = blk.b @ p_out[:, blk.offset : blk.offset + blk.b.shape[2]].t()  # [B, T, k_o]
+            bp = blk.b @ p_out[:, blk.offset : blk.offset + blk.p].t()  # [B, T, k_o]
             ap = blk.a_times(p_in)  # [B, T, k_i] (for a convolution: a convolution of the input with P_i)
             term = bp.transpose(1, 2) @ ap
             z = term if z is None else z.add_(term)
         self._add(z.reshape(n, -1), slice(part.offset, part.offset + part.size))
         return True
 
-    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
+    def rows_form(self, name: str, idx: Tensor, b: Tensor, rows: int) -> bool:
         """kronecker: ``sum_t P_o[:, idx_t] (P_i b_t)^T``, the columns of ``P_o`` gathered."""
         proj = self.projector
         if proj.kind != "kronecker":

@@ -130,8 +130,8 @@ class Tally(Sink):
         self._add(name, total, sum(sq_norms(s) for _, s in sums))
         return True
 
-    def rows_form(self, name, idx, b) -> bool:
-        if not self.sink.rows_form(name, idx, b):
+    def rows_form(self, name, idx, b, rows) -> bool:
+        if not self.sink.rows_form(name, idx, b, rows):
             return False
         total = torch.zeros(self.shapes[name], dtype=b.dtype, device=b.device)
         total.index_add_(0, idx.reshape(-1), b.reshape(-1, b.shape[2]))

@@ -195,6 +195,11 @@ def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, a
     write_products(view, x, y, accumulate)
 
 
+def _bias_grad(module: nn.Module, grad: Tensor) -> Tensor:
+    """Per-sample bias gradients ``[B, C_out]`` of one call: the output gradient summed over positions."""
+    return grad.reshape(grad.shape[0], module.out_channels, -1).sum(2)
+
+
 class _PatchBlock:
     """Group ``j`` of one call as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is made only if
     asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
@@ -309,7 +314,7 @@ class ConvRule(Rule):
             if not sink.weight_form("weight", blocks):
                 sink.grads("weight", materialize_one(self, module, calls, "weight"))
         if "bias" in names:
-            s = grad.reshape(grad.shape[0], module.out_channels, -1).sum(2)
+            s = _bias_grad(module, grad)
             if not sink.sum_form("bias", [(0, s)]):
                 sink.grads("bias", s)
         return None
@@ -342,9 +347,9 @@ class ConvRule(Rule):
                 # themselves may be released before the clipped sum)
                 cache.inputs = inputs
         if "bias" in names:
-            bias = calls[0].grad(0).reshape(bsz, module.out_channels, -1).sum(2)
+            bias = _bias_grad(module, calls[0].grad(0))
             for c in calls[1:]:
-                bias = bias + c.grad(0).reshape(bsz, module.out_channels, -1).sum(2)
+                bias = bias + _bias_grad(module, c.grad(0))
             cache.bias = bias
             norms["bias"] = sq_norms(bias)
         return norms, cache

@@ -61,6 +61,12 @@ def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
     return idx, b
 
 
+def _calls_forms(module: nn.Embedding, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+    """:func:`_forms` of several calls concatenated along T (which sums their gradients)."""
+    parts = [_forms(module, c) for c in calls]
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+
 @dataclass
 class EmbeddingCache:
     """The calls' indices ``idx: [B, T]`` and output gradients ``b: [B, T, d]`` (padding rows zeroed), all calls
@@ -114,9 +120,8 @@ class EmbeddingRule(Rule):
         the ``[B, V, d]`` gradient need not be built; materialized where the sink declines."""
         if "weight" not in names:
             return
-        parts = [_forms(module, c) for c in calls]
-        idx, b = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
-        if not sink.rows_form("weight", idx, b):
+        idx, b = _calls_forms(module, calls)
+        if not sink.rows_form("weight", idx, b, module.num_embeddings):
             sink.grads("weight", materialize_one(self, module, calls, "weight"))
 
     def norm_sample(
@@ -124,9 +129,7 @@ class EmbeddingRule(Rule):
     ) -> tuple[dict[str, Tensor], EmbeddingCache | None]:
         if "weight" not in names:
             return {}, None
-        parts = [_forms(module, c) for c in calls]
-        idx = torch.cat([p[0] for p in parts], 1)
-        b = torch.cat([p[1] for p in parts], 1)
+        idx, b = _calls_forms(module, calls)
         seg = _segments(idx)
         per_token = torch.zeros_like(b).scatter_add_(1, seg.unsqueeze(-1).expand_as(b), b)
         return {"weight": per_token.pow(2).sum((1, 2))}, EmbeddingCache(idx, b)

@@ -113,16 +113,10 @@ class LinearFormRule(Rule):
         forms = self.forms(module, call, dest)
         for name, blocks in forms.weights.items():
             if name in dest:
-                for blk in blocks:
-                    rows = dest[name]
-                    if blk.offset or blk.b.shape[2] != rows.shape[1]:
-                        rows = rows[:, blk.offset : blk.offset + blk.b.shape[2]]
-                    write_products(rows, blk.b.transpose(1, 2), blk.a, accumulate)
+                _put_blocks(dest[name], blocks, accumulate)
         for name, sums in forms.sums.items():
             if name in dest:
-                for off, s in sums:
-                    target = dest[name] if off == 0 and s.shape[1] == dest[name].shape[1] else dest[name][:, off : off + s.shape[1]]
-                    put(target, s, accumulate)
+                _put_sums(dest[name], sums, accumulate)
         for name, value in forms.extra.items():
             if name in dest:
                 put(dest[name], value, accumulate)
@@ -171,22 +165,33 @@ class LinearFormRule(Rule):
             if name in names and not sink.weight_form(name, blocks):
                 p = module.get_parameter(name)
                 g = _alloc.scratch("reduce", (batch, *p.shape), p.dtype, p.device)  # see materialize_one
-                if sum(blk.p for blk in blocks) != p.shape[0] or len(blocks) > 1:
+                if sum(blk.p for blk in blocks) != p.shape[0]:  # rows no block covers
                     g.zero_()
-                for blk in blocks:
-                    rows = g[:, blk.offset : blk.offset + blk.p]
-                    write_products(rows, blk.b.transpose(1, 2), blk.a, len(blocks) > 1)
+                _put_blocks(g, blocks, False)
                 sink.grads(name, g)
         for name, sums in forms.sums.items():
             if name in names and not sink.sum_form(name, sums):
                 p = module.get_parameter(name)
                 g = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device)
-                for off, s in sums:
-                    g[:, off : off + s.shape[1]] += s
+                _put_sums(g, sums, True)
                 sink.grads(name, g)
         for name, value in forms.extra.items():
             if name in names:
                 sink.grads(name, value)
+
+
+def _put_blocks(dest: Tensor, blocks: Sequence[Block], accumulate: bool) -> None:
+    """Write (or add) each block's ``b_i^T a_i`` into its rows of ``dest: [B, p, d]`` (a weight's blocks are
+    disjoint rows)."""
+    for blk in blocks:
+        rows = dest if not blk.offset and blk.p == dest.shape[1] else dest[:, blk.offset : blk.offset + blk.p]
+        write_products(rows, blk.b.transpose(1, 2), blk.a, accumulate)
+
+
+def _put_sums(dest: Tensor, sums: Sequence[tuple[int, Tensor]], accumulate: bool) -> None:
+    """Write (or add) each ``(offset, s [B, p])`` part into its entries of ``dest: [B, n]``."""
+    for off, s in sums:
+        put(dest if off == 0 and s.shape[1] == dest.shape[1] else dest[:, off : off + s.shape[1]], s, accumulate)
 
 
 def _total(values: list[Tensor]) -> Tensor:

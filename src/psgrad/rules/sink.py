@@ -37,8 +37,8 @@ class Sink:
         i's gradient are ``s_i``; entries no part covers are zero. True if consumed."""
         return False
 
-    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
-        """Parameter ``name`` (2-D, ``[V, d]``) looked up by rows: example i's gradient is
+    def rows_form(self, name: str, idx: Tensor, b: Tensor, rows: int) -> bool:
+        """Parameter ``name`` (2-D, ``[rows, d]``) looked up by rows: example i's gradient is
         ``sum_t e_{idx[i, t]} b[i, t]^T`` for ``idx: [B, T]`` (int64) and ``b: [B, T, d]`` (an embedding). True
         if consumed."""
         return False
@@ -62,5 +62,5 @@ class Renamed(Sink):
     def sum_form(self, name: str, sums: Sequence[tuple[int, Tensor]]) -> bool:
         return self.sink.sum_form(self.names[name], sums)
 
-    def rows_form(self, name: str, idx: Tensor, b: Tensor) -> bool:
-        return self.sink.rows_form(self.names[name], idx, b)
+    def rows_form(self, name: str, idx: Tensor, b: Tensor, rows: int) -> bool:
+        return self.sink.rows_form(self.names[name], idx, b, rows)
