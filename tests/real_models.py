@@ -263,9 +263,9 @@ def hf_t5():
                       relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     inputs, labels = seq2seq_batch(start_id=0, pad_id=0)
-    # no key-value cache: T5's relative position bias goes to its attention module, on the generic rule, and a
-    # cache is state that a re-run of the module would change (psgrad refuses it, naming use_cache=False)
-    return _hf(tf.T5ForConditionalGeneration, cfg, ({**inputs, "use_cache": False}, labels), token_ce)
+    # the default key-value cache: T5's relative position bias goes to its attention module, on the generic rule,
+    # which re-runs the call with the cache as it was then (empty; NOTE [state passed to a call])
+    return _hf(tf.T5ForConditionalGeneration, cfg, (inputs, labels), token_ce)
 
 
 @case("hf-whisper", "transformers")

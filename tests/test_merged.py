@@ -136,31 +136,59 @@ def test_a_parent_using_its_childrens_weights_differentiates_them():
 
 
 class Cache:
-    def __init__(self):
+    """State a module changes (a key-value cache): each call appends what it saw, and the output depends on it."""
+
+    def __init__(self, keep_tensors=False):
         self.seen = []
+        self.keep_tensors = keep_tensors
+
+    def update(self, x):
+        self.seen.append(x.detach() if self.keep_tensors else x.shape[0])
+        return len(self.seen)
 
 
 class WithState(nn.Module):
     def __init__(self):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(4))
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4))
 
     def forward(self, x, cache):
-        cache.seen.append(x.shape[0])
-        return torch.maximum(x, self.scale)  # no per-example rule for bare parameters here: the generic rule
+        calls = cache.update(x)  # 1 on the first call of a forward, 2 on the second
+        return torch.maximum(x, self.scale) * calls  # no per-example rule for bare parameters here: the generic rule
 
 
 class Outer(nn.Module):
-    def __init__(self):
+    """A fresh cache per forward, passed to two calls of the same module, as transformers models do."""
+
+    def __init__(self, keep_tensors=False):
         super().__init__()
         self.inner = WithState()
-        self.cache = Cache()
+        self.keep_tensors = keep_tensors
 
     def forward(self, x):
-        return self.inner(x, self.cache).sum(1)
+        cache = Cache(self.keep_tensors)
+        return self.inner(self.inner(x, cache), cache).sum(1)
 
 
-def test_the_generic_rule_does_not_re_run_calls_with_state():
-    model = Outer().eval()
-    with pytest.raises(UnsupportedModelError, match="use_cache=False"):
+def test_the_generic_rule_re_runs_calls_with_their_state_as_it_was():
+    """NOTE [state passed to a call]: a re-run during the backward sees the cache as the call did (empty on the
+    first call, one entry on the second), not as the forward left it."""
+    g = torch.Generator().manual_seed(0)
+    check_all_tasks(Outer().eval(), _sq, torch.randn(3, 4, generator=g), torch.randn(3, generator=g))
+
+
+def test_the_generic_rule_refuses_state_that_holds_tensors():
+    model = Outer(keep_tensors=True).eval()
+    with pytest.raises(UnsupportedModelError, match=r"type Cache that holds tensors.*use_cache=False"):
         psgrad.per_sample_grads(model, lambda o, y: o, torch.randn(3, 4), engine="hooks")
+
+
+def test_per_sample_results_hold_no_graph():
+    """The generic rule over a module whose children are differentiated by their own units (T5's attention, with
+    its relative position bias): the results must not require grad through the children's parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Functional(), nn.Tanh(), nn.Linear(2, 2)).eval()
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    for engine in ("hooks", "auto", "vmap", "loop"):
+        got = psgrad.per_sample_grads(model, _sq, x, y, engine=engine)
+        assert not [n for n, v in got.items() if v.requires_grad or v.grad_fn is not None], engine

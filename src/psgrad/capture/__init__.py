@@ -10,7 +10,9 @@ Three parts, each with its NOTE:
 - :mod:`~psgrad.capture.uses`: the check that every use of a parameter lies inside its unit's calls
   (NOTE [parameters used outside their module]);
 - :mod:`~psgrad.capture.merged`: batches merged into rows, told apart by the probe's values (NOTE [batches
-  merged into rows]).
+  merged into rows]);
+- :mod:`~psgrad.capture.state`: objects a call was given, kept as they were when it began, for the generic rule's
+  re-runs (NOTE [state passed to a call]).
 
 :class:`Capture` is a context manager over the three; leaving it removes every hook and drops every captured
 tensor, also on error, so nothing stays on the user's modules or parameters.

@@ -33,6 +33,7 @@ from ..rules.call import BatchDim, Call, Merged, Ragged
 from . import merged
 from .bare import RealTracker
 from .probe import Layout, batch_dim
+from .state import snapshots
 from .unit import NeedsParent, Unit, flatten_call, flatten_output, tensor_args_spec
 from .uses import check_parameter_uses
 
@@ -158,7 +159,9 @@ class Recorder:
                 tracker.__enter__()
                 self._active.append(tracker)
             self._entered[u] += 1
-            self._open[u].append((seq, args, kwargs, tracker))
+            leaves = flatten_call(args, kwargs)[0]
+            states = snapshots(leaves) if any(not isinstance(t, Tensor) for t in leaves) else {}
+            self._open[u].append((seq, args, kwargs, tracker, states))  # NOTE [state passed to a call]
 
         return hook
 
@@ -168,17 +171,18 @@ class Recorder:
 
     def _hook(self, u: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            start, raw_args, raw_kwargs, tracker = self._open[u].pop()
+            start, raw_args, raw_kwargs, tracker, states = self._open[u].pop()
             if tracker is not None:
                 self._active.remove(tracker)
                 tracker.__exit__(None, None, None)
                 tracker.check_outputs(flatten_output(output)[0])
             with torch._C.DisableTorchFunction():  # psgrad's own operations are not the model's to follow
-                return self._record(u, start, raw_args, raw_kwargs, output, tracker)
+                return self._record(u, start, raw_args, raw_kwargs, output, tracker, states)
 
         return hook
 
-    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any, tracker: RealTracker | None) -> Any:
+    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any, tracker: RealTracker | None,
+                states: dict[int, Any]) -> Any:
         unit = self.units[u]
         index = len(unit.calls)
         probed = self.layout.of_call(u, index)
@@ -208,7 +212,8 @@ class Recorder:
                 in_bdims.append(None)
                 kept.append(t)
                 versions.append(None)
-        call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs), _arg_leaves(args, spec))
+        call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs), _arg_leaves(args, spec),
+                    states=states)
         record = _Pending(unit, call)
         changed = False
         for j, t in enumerate(outs):

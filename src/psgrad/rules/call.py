@@ -13,6 +13,8 @@ unflatten a merged dimension, so that ``arg`` and ``grad`` are ``[B, k, ...]``.
 
 from __future__ import annotations
 
+import copy
+import enum
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,10 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError
+
+#: argument values that cannot hold state a module changes: a call may be re-run with them as they are
+PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
+         type(Ellipsis), enum.Enum, torch.memory_format, torch.layout)
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,9 @@ class Call:
     #: per-sample gradients ``{local name: [B, *shape]}``, or None with ``bare_failed`` saying why not
     bare_grads: dict[str, Tensor] | None = None
     bare_failed: str | None = None
+    #: ``{leaf index: deep copy}`` of the objects (not plain values, not tensors) the call was given, as they were
+    #: when it began, where they held no tensor (NOTE [state passed to a call] in psgrad.capture.state)
+    states: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def of_tensors(
@@ -153,8 +162,18 @@ class Call:
         return self._per_example(self.checked_leaves(), self.in_bdims)
 
     def rebuild(self, leaves: Sequence[Any]) -> tuple[tuple, dict]:
-        """``(args, kwargs)`` of a call with these leaves in place of the captured ones."""
-        return tree_unflatten(list(leaves), self.spec)
+        """``(args, kwargs)`` of a call with these leaves in place of the captured ones, and a fresh copy of each
+        object's state at the call in place of the object (:attr:`states`)."""
+        leaves = list(leaves)
+        for i, state in self.states.items():
+            leaves[i] = copy.deepcopy(state)
+        return tree_unflatten(leaves, self.spec)
+
+    def stateful(self) -> list[Any]:
+        """The objects the call was given that may hold state a re-run would see changed: neither plain values
+        nor tensors, and not kept as they were at the call (:attr:`states`)."""
+        return [t for i, t in enumerate(self.leaves)
+                if not isinstance(t, (Tensor, *PLAIN)) and i not in self.states]
 
     # outputs ----------------------------------------------------------------------------------------
     @property

@@ -9,7 +9,6 @@ the whole model, and it is exact wherever torch.func can differentiate the modul
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,10 +21,6 @@ from ..errors import UnsupportedModelError
 from .base import Rule, put
 from .call import Call
 
-#: argument types the generic rule may pass again to a module: values that cannot hold state the module changes
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
-          type(Ellipsis), enum.Enum, torch.memory_format, torch.layout)
-
 
 class FallbackRule(Rule):
     """``g_i = vjp(functional_call(module, theta, x_i), theta)(b_i)`` for every parameter the module owns."""
@@ -34,14 +29,13 @@ class FallbackRule(Rule):
         names = list(dest)
         params = {n: module.get_parameter(n).detach() for n in names}
         leaves, in_dims, in_insert = call.per_example_leaves()
-        for leaf in leaves:
-            if not isinstance(leaf, Tensor) and not isinstance(leaf, _PLAIN):
-                raise UnsupportedModelError(
-                    f"the generic rule re-runs {type(module).__name__} per example, but the call has an argument of "
-                    f"type {type(leaf).__name__}, which may hold state that the module changes (a key-value cache): "
-                    "re-running the call would see it changed and change it again. Call the model without such "
-                    "state (for transformers models: use_cache=False)"
-                )
+        for leaf in call.stateful():  # NOTE [state passed to a call]
+            raise UnsupportedModelError(
+                f"the generic rule re-runs {type(module).__name__} per example, but the call has an argument of "
+                f"type {type(leaf).__name__} that holds tensors (such as a key-value cache with entries) and may "
+                "hold state that the module changes: a re-run would see it changed, and the whole batch in it. "
+                "Call the model without such state (for transformers models: use_cache=False)"
+            )
         live, cotangents, cot_dims, cot_insert = call.arrived()
 
         def one_example(example_leaves: list[Any], example_cots: list[Tensor]) -> dict[str, Tensor]:
@@ -57,7 +51,10 @@ class FallbackRule(Rule):
             return pullback([c.unsqueeze(d) if put_back else c for c, d, put_back in zip(example_cots, cot_dims, cot_insert)])[0]
 
         try:
-            grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)
+            # no graph outside the transform: the module's other parameters (its children's, differentiated by
+            # their own units) still require grad, and the result would hold a graph through them
+            with torch.no_grad():
+                grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)
         except Exception as exc:
             raise UnsupportedModelError(
                 f"the generic rule (torch.func) cannot differentiate {type(module).__name__} per example: "
