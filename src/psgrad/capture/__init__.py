@@ -26,6 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..batch import Batch
+from ..rules.precision import uncached
 from . import merged
 from .probe import Layout, probe
 from .record import OnReady, Recorder
@@ -50,7 +51,8 @@ class Capture:
 
     def probe(self, model: nn.Module, batch: Batch) -> Layout:
         """Locate the batch in every captured tensor (see :func:`~psgrad.capture.probe.probe`)."""
-        layout = probe(model, batch, self.units, self.batch_size)
+        with uncached():  # NOTE [mixed precision]
+            layout = probe(model, batch, self.units, self.batch_size)
         self._recorder = Recorder(self.units, layout, self.batch_size)
         return layout
 
@@ -60,12 +62,14 @@ class Capture:
         so does the forward (once; NOTE [batches merged into rows])."""
         assert self._recorder is not None, "Capture.probe must run before Capture.forward"
         try:
-            return self._recorder.forward(model, batch)
+            with uncached():  # NOTE [mixed precision]
+                return self._recorder.forward(model, batch)
         except merged.NeedsValues as exc:
             merged.KEEP_VALUES.update(exc.modules)
             self._recorder.release()
             self.probe(model, batch)
-            return self._recorder.forward(model, batch)
+            with uncached():
+                return self._recorder.forward(model, batch)
 
     def backward(
         self, loss: Tensor, on_ready: OnReady | None = None, also: Sequence[Tensor] = ()

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..batch import Batch
 from ..errors import UnsupportedModelError
 from ..rules.call import BatchDim, Call, Merged, Ragged
+from ..rules.precision import autocast_state
 from . import merged
 from .bare import RealTracker
 from .probe import Layout, batch_dim
@@ -81,6 +82,7 @@ class Recorder:
         """The model's forward on the whole batch with every unit's calls recorded."""
         self._expanded_any = False
         self._needs_values: list[nn.Module] = []
+        self._autocast = autocast_state()  # NOTE [mixed precision]
         try:
             with self._hooked():
                 output = batch.call(model)
@@ -213,7 +215,7 @@ class Recorder:
                 kept.append(t)
                 versions.append(None)
         call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs), _arg_leaves(args, spec),
-                    states=states)
+                    states=states, autocast=self._autocast)
         record = _Pending(unit, call)
         changed = False
         for j, t in enumerate(outs):

@@ -24,10 +24,10 @@ from ..batch import Batch, LossFn, check_losses
 from ..capture import Capture, Unit
 from ..capture.unit import NeedsParent
 from ..clipping import ClipSpec
-from ..errors import PsgradError
 from ..rules import DEFAULT
 from ..rules.base import SMALL_PER_SAMPLE, Rule, materialize, sq_norms, weighted_sum, weighted_sums
 from ..rules.call import Call
+from ..rules.precision import no_autocast
 from ..rules.sink import Renamed, Sink
 from . import consistency
 from .base import Engine
@@ -78,11 +78,6 @@ class HooksEngine(Engine):
 
     def _plan(self, model, batch, params, where, registry=None, generic=(), trace=None, hoisted=()
               ) -> tuple[list[Planned], Capture]:
-        if torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu"):
-            raise PsgradError(
-                f"{where}: autocast (mixed precision) is not supported by the hooks engine; call it outside "
-                "torch.autocast, or use engine='vmap'"
-            )
         planned = plan(model, params, registry or DEFAULT, generic, hoisted)
         if trace is not None:
             trace.planned = planned
@@ -156,8 +151,9 @@ class HooksEngine(Engine):
             return keep
 
         result = self._walk(model, loss_fn, batch, params, where, check, trace, visit, **options)
-        for name, g in result.shared.items():
-            result.sq[name] = sq_norms(g)
+        with no_autocast():  # NOTE [mixed precision]
+            for name, g in result.shared.items():
+                result.sq[name] = sq_norms(g)
         for name, p in params.items():
             if name not in result.sq:
                 result.sq[name] = torch.zeros(batch.size, dtype=p.dtype, device=p.device)
@@ -230,8 +226,9 @@ class HooksEngine(Engine):
 
             result = self._walk(model, loss_fn, batch, params, context, check, trace, visit, hoisted=hoisted,
                                 **options)
-            for name, g in result.shared.items():
-                target.grads(name, g)
+            with no_autocast():  # NOTE [mixed precision]
+                for name, g in result.shared.items():
+                    target.grads(name, g)
             if tally is not None:
                 tally.check(params, result.batch_grads, result.owners, batch.size, context)
             return result.losses
@@ -269,7 +266,13 @@ def _weighted(
     """``sum_i c_i g_i`` for every parameter from the kept caches and the summed shared gradients; with ``release``
     each unit's captured calls are dropped as soon as its sums are done (a lower peak than holding all of them).
     ``on_final(name, sum)`` is called for each parameter as soon as its sum is complete (units in order; the
-    small per-sample gradients, shared parameters and unused ones at the end)."""
+    small per-sample gradients, shared parameters and unused ones at the end). Products with autocast off (NOTE
+    [mixed precision])."""
+    with no_autocast():
+        return _weighted_sums(result, factors, params, release, on_final)
+
+
+def _weighted_sums(result, factors, params, release, on_final) -> dict[str, Tensor]:
     summed: dict[str, Tensor] = {}
     done: dict[str, Tensor] = {}
     pending: dict[str, int] = {}

@@ -20,6 +20,7 @@ from ..rules import FALLBACK, Registry
 from ..rules.bare import BARE
 from ..rules.base import Rule
 from ..rules.call import Call
+from ..rules.precision import no_autocast
 
 
 @dataclass(eq=False)
@@ -184,9 +185,11 @@ def running(item: Planned, rule: Rule, trace: Trace | None, calls: int = 1) -> I
 @contextlib.contextmanager
 def refusing(item: Planned, rule: Rule) -> Iterator[None]:
     """Any error inside a rule becomes a refusal naming the module, its class and the rule, so that nothing
-    half-computed is returned and ``auto`` can fall back."""
+    half-computed is returned and ``auto`` can fall back. Rules run with autocast off (NOTE [mixed precision] in
+    :mod:`psgrad.rules.precision`)."""
     try:
-        yield
+        with no_autocast():
+            yield
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"{item.unit.label}, {rule.name}: {exc}") from exc
     except Exception as exc:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedModelError
+from .precision import AutocastState, widen
 
 #: argument values that cannot hold state a module changes: a call may be re-run with them as they are
 PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, slice,
@@ -87,6 +88,8 @@ class Call:
     #: ``{leaf index: deep copy}`` of the objects (not plain values, not tensors) the call was given, as they were
     #: when it began, where they held no tensor (NOTE [state passed to a call] in psgrad.capture.state)
     states: dict[int, Any] = field(default_factory=dict)
+    #: the autocast the call was made in (NOTE [mixed precision] in psgrad.rules.precision); empty without
+    autocast: AutocastState = ()
 
     @classmethod
     def of_tensors(
@@ -109,7 +112,7 @@ class Call:
         """Positional input ``index`` with the batch moved to dimension 0 (expanded where it had none; a merged
         dimension unflattened, so ``[B, rows, ...]``)."""
         leaf = self._leaf_of_arg(index)
-        return self._batch_first(self.leaves[leaf], self.in_bdims[leaf])
+        return self._wide(self._batch_first(self.leaves[leaf], self.in_bdims[leaf]))
 
     def arg_bdim(self, index: int = 0) -> int | None:
         """The dimension of positional input ``index`` (as the module received it) that holds the batch, alone
@@ -132,8 +135,10 @@ class Call:
         return next((d.reason for d in self.in_bdims if isinstance(d, Ragged)), None)
 
     def bound(self, signature: inspect.Signature) -> dict[str, Any]:
-        """The call's arguments bound to ``signature`` (defaults applied; the module is the first, ``self``)."""
-        args, kwargs = self.args_kwargs()
+        """The call's arguments bound to ``signature`` (defaults applied; the module is the first, ``self``), tensors
+        in the parameters' precision (NOTE [mixed precision])."""
+        args, kwargs = tree_unflatten([self._wide(t) if isinstance(t, Tensor) else t for t in self.checked_leaves()],
+                                      self.spec)
         values = signature.bind(self.module, *args, **kwargs)
         values.apply_defaults()
         return dict(values.arguments)
@@ -182,7 +187,7 @@ class Call:
 
     def grad(self, index: int = 0) -> Tensor:
         """Gradient of output tensor ``index`` with the batch at dimension 0 (zeros if none arrived; a merged
-        dimension unflattened)."""
+        dimension unflattened), in the parameters' precision (NOTE [mixed precision])."""
         g = self.grads[index]
         if g is None:
             shape = self.out_shapes[index]
@@ -192,7 +197,7 @@ class Call:
         bdim = self.out_bdims[index]
         if isinstance(bdim, Merged):
             g, bdim = bdim.split(g, self.batch_size)
-        return g if bdim in (0, None) else g.movedim(bdim, 0)
+        return self._wide(g if bdim in (0, None) else g.movedim(bdim, 0))
 
     def arrived(self) -> tuple[list[int], list[Tensor], list[int | None], list[bool]]:
         """The outputs that got a gradient: their indices, and their gradients prepared as in
@@ -222,6 +227,13 @@ class Call:
         self.bare_grads = None
 
     # ------------------------------------------------------------------------------------------------
+    def _wide(self, t: Tensor) -> Tensor:
+        """A captured low-precision tensor of a call made under autocast, in the dtype of the module's parameters."""
+        if not self.autocast:
+            return t
+        param = next(self.module.parameters(), None)
+        return widen(t, None if param is None else param.dtype)
+
     def _per_example(self, values: Sequence[Any], bdims: Sequence[BatchDim]) -> tuple[list[Any], list[int | None], list[bool]]:
         out, dims, insert = [], [], []
         for t, d in zip(values, bdims):

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import UnsupportedModelError
 from .base import Rule, put
 from .call import Call
+from .precision import as_autocast
 
 
 class FallbackRule(Rule):
@@ -53,7 +54,8 @@ class FallbackRule(Rule):
         try:
             # no graph outside the transform: the module's other parameters (its children's, differentiated by
             # their own units) still require grad, and the result would hold a graph through them
-            with torch.no_grad():
+            # and the autocast the call was made in, so that the re-run computes what it did (NOTE [mixed precision])
+            with torch.no_grad(), as_autocast(call.autocast):
                 grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)
         except Exception as exc:
             raise UnsupportedModelError(
