@@ -385,3 +385,34 @@ def test_materialized_norms_in_chunks(chunk_bytes, monkeypatch):
     check_all(Net(conv, False).eval(), x, torch.randn(5, 2, 6, 6) * 0.5)
     check_all(Net(conv, True).eval(), x, torch.randn(5, 2, 6, 6) * 0.5)
     assert chunked["taken"] == 4  # norms and clipped sum, both models
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 12000, 10**9], ids=["one-example", "uneven", "whole-batch"])
+def test_ghost_norms_in_chunks(chunk_bytes, monkeypatch):
+    """The ghost norms' Gram temporaries are made a few examples at a time (``GHOST_CHUNK_BYTES``), by the position
+    Gram and by the patches' Gram, with groups: any chunk size and a shorter last chunk give the truth."""
+    import psgrad.rules.base as base
+    import psgrad.rules.conv as conv_rules
+
+    monkeypatch.setattr(base, "GHOST_CHUNK_BYTES", chunk_bytes)
+    chunks = Counter()
+    original = base.ghost_chunks
+    monkeypatch.setattr(base, "ghost_chunks", lambda *a: chunks.update([len(original(*a))]) or original(*a))
+    import psgrad.rules.conv_gram as conv_gram
+
+    monkeypatch.setattr(conv_gram, "ghost_chunks", base.ghost_chunks)
+    torch.manual_seed(4)
+    # T = P = 25, 2 T^2 = 1250 <= p d = 16 * 144: ghost. Position Gram: 25^2 * 4 bytes per example and group, 5000
+    # per example, so 12000 bytes make chunks of 2, 2 and 1 examples; the patches' Gram: [B g, T, T] rows of 2500
+    # bytes, chunks of 4, 4 and 2 of the 10 rows
+    conv = nn.Conv2d(32, 32, 3, padding=1, groups=2)
+    x = torch.randn(5, 32, 5, 5)
+    spy = check_all(Net(conv, False).eval(), x, torch.randn(5, 32, 5, 5) * 0.5)
+    assert spy.used["ghost"] == 2
+    want = {1: 5, 12000: 3, 10**9: 1}[chunk_bytes]
+    assert chunks and set(chunks) == {want}, chunks
+    monkeypatch.setattr(conv_rules, "ghost_without_patches", lambda *a: None)  # the patches' Gram instead
+    chunks.clear()
+    check_all(Net(conv, False).eval(), x, torch.randn(5, 32, 5, 5) * 0.5)
+    per = {1: 10, 12000: 3, 10**9: 1}[chunk_bytes]
+    assert chunks and set(chunks) == {per}, chunks

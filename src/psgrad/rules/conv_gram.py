@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .._memory import alloc as _alloc
-from .base import ghost_is_cheaper, ghost_sq_norms
+from .base import ghost_chunks, ghost_is_cheaper, ghost_sq_norms
 
 #: the position Gram is used while P^2 <= this x K T^2 (P unpadded): up to there it may do more multiply-adds
 #: than the patch Gram but skips the strided copy of the patches, which costs more (measured: benchmarks/README.md)
@@ -131,6 +131,10 @@ def ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], gr
     positions = math.prod(x.shape[2:])
     if t == 1 or not ghost_is_cheaper(t, p, d) or positions * positions > _POSITION_GRAM_MAX * k * t * t:
         return None
-    b = grad.reshape(bsz * g, p, t)
-    bb = torch.bmm(b.transpose(1, 2), b, out=_alloc.scratch("grad gram", (bsz * g, t, t), grad.dtype, grad.device))
-    return ghost_sq_norms(patch_gram(module, x, pad), bb)
+    out = torch.empty(bsz * g, dtype=grad.dtype, device=grad.device)
+    for rows in ghost_chunks(bsz, g * max(positions, t) ** 2 * grad.element_size()):
+        n = rows.stop - rows.start
+        b = grad[rows].reshape(n * g, p, t)
+        bb = torch.bmm(b.transpose(1, 2), b, out=_alloc.scratch("grad gram", (n * g, t, t), grad.dtype, grad.device))
+        out[rows.start * g : rows.stop * g] = ghost_sq_norms(patch_gram(module, x[rows], pad), bb)
+    return out
