@@ -50,10 +50,10 @@ class ModelGuard:
                 current = getattr(m, name)
                 current.clear()
                 current.update(saved)
-            if m._parameters != params:
+            if not _same_entries(m._parameters, params):
                 m._parameters.clear()
                 m._parameters.update(params)
-            if m._buffers != buffers:
+            if not _same_entries(m._buffers, buffers):
                 m._buffers.clear()
                 m._buffers.update(buffers)
         with torch.no_grad():
@@ -67,3 +67,9 @@ class ModelGuard:
             for b, version, saved in self._buffers:
                 if b._version != version:
                     b.copy_(saved)
+
+
+def _same_entries(now: dict, saved: dict) -> bool:
+    """Whether a module's parameter (or buffer) dict holds the same objects under the same names, in order: by
+    identity (``==`` on two dicts would compare tensors by value, elementwise)."""
+    return list(now) == list(saved) and all(now[k] is saved[k] for k in saved)
