@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import assert_close_to_truth, assert_engine_exact, fingerprint, truth, truth_clipped_sum
@@ -251,6 +253,28 @@ def test_model_untouched_when_the_call_raises(engine):
     with pytest.raises(RuntimeError, match="boom"):
         psgrad.per_sample_grads(model, bad_loss, x, y, engine=engine)
     assert fingerprint(model) == before
+
+
+class _WithFlag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, use_cache=True):
+        return self.lin(x) * (2.0 if use_cache else 1.0)
+
+
+@pytest.mark.parametrize("engine", ENGINES + ["auto"])
+def test_non_tensor_inputs_reach_every_example(engine):
+    """A dict of inputs with a non-tensor value (``use_cache=False``, as transformers models take): passed as it
+    is to the model, for every example."""
+    torch.manual_seed(0)
+    model, x, y = _WithFlag(), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    inputs = {"x": x, "use_cache": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", psgrad.FallbackWarning)  # auto: no engine may fail on the flag
+        got = psgrad.per_sample_grads(model, CE, inputs, y, engine=engine)
+    assert_close_to_truth(got, truth(model, CE, inputs, y))
 
 
 class _Replacer(nn.Module):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
 from ..batch import Batch, LossFn, as_args_kwargs, check_losses, map_tensors
 from ..errors import PsgradError, UnsupportedModelError
@@ -42,12 +43,16 @@ class VmapEngine(Engine):
             return loss, loss.detach()
 
         targets = batch.targets if has_targets else torch.zeros(batch.size)
-        per_sample = vmap(grad(one_loss, has_aux=True), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="same")
+        # non-tensor inputs (use_cache=False) are passed to every example as they are
+        input_dims = tree_map(lambda v: 0 if isinstance(v, Tensor) else None, batch.inputs)
+        per_sample = vmap(grad(one_loss, has_aux=True), in_dims=(None, input_dims, 0), chunk_size=chunk_size,
+                          randomness="same")
         try:
             grads, losses = per_sample(trainable, batch.inputs, targets)
         except PsgradError:
             raise
-        except RuntimeError as exc:  # torch.func cannot batch some operators (e.g. RNN kernels, packed sequences)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as exc:
+            # torch.func cannot batch some operators (RNN kernels, packed sequences, data-dependent control flow)
             raise UnsupportedModelError(f"torch.func cannot run this model per example: {exc}") from exc
         return write(out, dict(grads)), losses
 
