@@ -82,8 +82,8 @@ class TokenNet(nn.Module):
         self.head = nn.Linear(emb.embedding_dim, 3)
 
     def forward(self, tokens):
-        if self.time_first:  # [B, T] -> [T, B]
-            h = self.emb(tokens.t()).transpose(0, 1)
+        if self.time_first:  # [B, T] -> [T, B]: a transposed view, or a contiguous copy (XLNet's)
+            h = self.emb(tokens.t().contiguous() if self.time_first == "copy" else tokens.t()).transpose(0, 1)
         else:
             h = self.emb(tokens)
         h = h.flatten(1, -2)  # [B, T, d]
@@ -128,15 +128,17 @@ def test_embedding(b, vocab, dim, shape, pad, twice, seed):
     pad=st.booleans(),
     twice=st.booleans(),
     positions=st.booleans(),
+    copy=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_embedding_time_first_and_broadcast_positions(b, vocab, t, pad, twice, positions, seed):
-    """Indices fed time-first ``[T, B]``; learned positions from batch-free ``[1, T]`` ids. (T >= 2: a
-    time-first output with leading size 1 is taken for a broadcast batch of one by the capture.)"""
+def test_embedding_time_first_and_broadcast_positions(b, vocab, t, pad, twice, positions, copy, seed):
+    """Indices fed time-first ``[T, B]`` (a transposed view, or contiguous: then batch first they are not);
+    learned positions from batch-free ``[1, T]`` ids. (T >= 2: a time-first output with leading size 1 is taken
+    for a broadcast batch of one by the capture.)"""
     torch.manual_seed(seed)
     emb = nn.Embedding(vocab, 3, padding_idx=0 if pad else None)
     tokens = torch.randint(0, min(vocab, 5), (b, t))  # few distinct tokens: many repeats
-    model = TokenNet(emb, time_first=True, twice=twice, positions=t if positions else 0).eval()
+    model = TokenNet(emb, time_first="copy" if copy else "view", twice=twice, positions=t if positions else 0).eval()
     check_all(model, tokens, torch.randint(0, 3, (b,)))
 
 

@@ -11,6 +11,8 @@ Three parts, each with its NOTE:
   (NOTE [parameters used outside their module]);
 - :mod:`~psgrad.capture.merged`: batches merged into rows, told apart by the probe's values (NOTE [batches
   merged into rows]);
+- :mod:`~psgrad.capture.outputs`: the outputs handed on, so that each hook sees the uses after the call only (NOTE
+  [outputs the module itself consumes], NOTE [outputs that are views, modified in place]);
 - :mod:`~psgrad.capture.state`: objects a call was given, kept as they were when it began, for the generic rule's
   re-runs (NOTE [state passed to a call]).
 
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from ..batch import Batch
 from ..rules.precision import uncached
 from . import merged
+from .outputs import COPY_OUTPUTS, NeedsCopies
 from .probe import Layout, probe
 from .record import OnReady, Recorder
 from .unit import Unit
@@ -61,15 +64,17 @@ class Capture:
         merges the batch into rows and the probe kept no values for it, the probe runs again keeping them, and
         so does the forward (once; NOTE [batches merged into rows])."""
         assert self._recorder is not None, "Capture.probe must run before Capture.forward"
-        try:
-            with uncached():  # NOTE [mixed precision]
-                return self._recorder.forward(model, batch)
-        except merged.NeedsValues as exc:
-            merged.KEEP_VALUES.update(exc.modules)
+        for _ in range(3):  # values kept, view outputs copied: each at most once
+            try:
+                with uncached():  # NOTE [mixed precision]
+                    return self._recorder.forward(model, batch)
+            except merged.NeedsValues as exc:
+                merged.KEEP_VALUES.update(exc.modules)
+            except NeedsCopies as exc:  # NOTE [outputs that are views, modified in place]
+                COPY_OUTPUTS.update(exc.modules)
             self._recorder.release()
             self.probe(model, batch)
-            with uncached():
-                return self._recorder.forward(model, batch)
+        raise AssertionError("the forward asked to be run again more often than it can")
 
     def backward(
         self, loss: Tensor, on_ready: OnReady | None = None, also: Sequence[Tensor] = ()

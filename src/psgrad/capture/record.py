@@ -33,6 +33,7 @@ from ..rules.call import BatchDim, Call, Merged, Ragged
 from ..rules.precision import autocast_state
 from . import merged
 from .bare import RealTracker
+from .outputs import COPY_OUTPUTS, NeedsCopies, consumed_inside
 from .probe import Layout, batch_dim
 from .state import snapshots
 from .unit import NeedsParent, Unit, flatten_call, flatten_output, tensor_args_spec
@@ -77,6 +78,7 @@ class Recorder:
         self._error: Exception | None = None
         self._expanded_any = False
         self._marker = torch.zeros((), requires_grad=True)
+        self._views: list[tuple[Tensor, int, Unit]] = []  # NOTE [outputs that are views, modified in place]
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         """The model's forward on the whole batch with every unit's calls recorded."""
@@ -88,8 +90,11 @@ class Recorder:
                 output = batch.call(model)
             if self._needs_values:
                 raise merged.NeedsValues(self._needs_values)
+            moved = self._moved_views()
+            if moved:
+                raise NeedsCopies(moved)
             return output
-        except (UnsupportedModelError, merged.NeedsValues):  # NeedsParent among the first
+        except (UnsupportedModelError, merged.NeedsValues, NeedsCopies):  # NeedsParent among the first
             raise
         except Exception as exc:
             if not self._expanded_any:
@@ -106,6 +111,15 @@ class Recorder:
         its output gradients, or after the backward for calls some of whose outputs received none. Returns the
         gradients of ``loss`` with respect to the tensors ``also`` (the same backward; None where unreached)."""
         check_parameter_uses(loss, self.units, [[r.window for r in records] for records in self._records])
+        moved = self._moved_views()
+        if moved:
+            names = ", ".join(sorted({type(m).__name__ for m in moved}))
+            raise UnsupportedModelError(
+                f"an output of {names} (a view) was modified in place after the model's forward, e.g. by the loss "
+                "function: its gradient would not reach the capture (NOTE [outputs that are views, modified in "
+                "place]). Make that op out of place."
+            )
+        self._views.clear()
         self._on_ready = on_ready
         found: tuple = ()
         if self._edges or also:
@@ -121,9 +135,14 @@ class Recorder:
                     on_ready(record.unit, record.call)
         return list(found[len(found) - len(also):]) if also else []
 
+    def _moved_views(self) -> list[nn.Module]:
+        """The modules with a view output whose version changed since it was recorded."""
+        return list({id(u.module): u.module for t, v, u in self._views if t._version != v}.values())
+
     def release(self) -> None:
         """Drop every captured tensor and every edge."""
         self._edges.clear()
+        self._views.clear()
         for unit in self.units:
             for call in unit.calls:
                 call.release()
@@ -218,6 +237,7 @@ class Recorder:
                     states=states, autocast=self._autocast)
         record = _Pending(unit, call)
         changed = False
+        inside = consumed_inside(outs, start)  # NOTE [outputs the module itself consumes]
         for j, t in enumerate(outs):
             if not isinstance(t, Tensor):
                 call.out_bdims.append(None)
@@ -238,6 +258,15 @@ class Recorder:
                         "gradient mixes all examples, and it cannot be expanded over the batch without changing "
                         "the model (NOTE [outputs broadcast from a batch of one])", [unit]
                     )
+            if j in inside and not expanded:  # NOTE [outputs the module itself consumes]
+                t = outs[j] = t.view_as(t)
+                changed = True
+            if t.requires_grad and t._is_view():  # NOTE [outputs that are views, modified in place]
+                if unit.module in COPY_OUTPUTS:
+                    t = outs[j] = t.clone()
+                    changed = True
+                else:
+                    self._views.append((t, t._version, unit))
             call.out_bdims.append(bdim)
             call.out_shapes.append(t.shape)
             record.expanded.append(expanded)

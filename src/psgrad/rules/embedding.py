@@ -111,7 +111,7 @@ class EmbeddingRule(Rule):
             w.zero_()
         if w.is_contiguous():
             offsets = torch.arange(bsz, device=idx.device).mul_(module.num_embeddings).unsqueeze(1)
-            w.view(-1, d).index_add_(0, (idx + offsets).view(-1), b.reshape(-1, d))
+            w.view(-1, d).index_add_(0, (idx + offsets).reshape(-1), b.reshape(-1, d))
         else:
             w.scatter_add_(1, idx.unsqueeze(-1).expand(bsz, t, d), b)
 
