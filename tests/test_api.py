@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -69,6 +70,39 @@ def _cases():
 def test_engine_matches_truth(problem, engine):
     model, x, y = PROBLEMS[problem]()
     assert_engine_exact(model, CE, x, y, engine=engine)
+
+
+class _BnFlatLn(nn.Module):
+    """Eval BatchNorm whose output gradient comes back with strides (C, 1, W C, C) through flatten-transpose-LayerNorm
+    (timm's EfficientFormer): PyTorch's CPU BatchNorm backward is wrong on that layout at batch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.ln(self.bn(self.conv(x)).flatten(2).transpose(1, 2)).mean(1))
+
+
+def test_the_truth_is_each_examples_gradient_in_a_batched_forward():
+    """NOTE [the loop's batch of two], by another route: row i of the float64 truth is the gradient of example i's
+    loss in one batched float64 forward."""
+    torch.manual_seed(0)
+    model = _BnFlatLn()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    model.eval()
+    x, y = torch.randn(3, 3, 5, 5), torch.tensor([0, 1, 2])
+    rows = truth(model, CE, x, y)
+    m64 = copy.deepcopy(model).double()
+    params = [p for _, p in m64.named_parameters()]
+    losses = CE(m64(x.double()), y)
+    for i in range(len(y)):
+        want = torch.autograd.grad(losses[i], params, retain_graph=True)
+        got = {n: r[i : i + 1] for n, r in rows.items()}
+        assert_close_to_truth(got, {n: g[None] for n, g in zip(rows, want)}, torch.float64, label=f"example {i}")
 
 
 def test_loop_float32_matches_float64_truth():
