@@ -59,13 +59,29 @@ def fingerprint(model: nn.Module):
             for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                       "_forward_hooks_with_kwargs")
         )
-        state.append((name, type(m).__name__, m.training, tuple(sorted(m.__dict__)), hooks))
+        state.append((name, type(m).__name__, m.training, tuple(sorted(m.__dict__)), hooks, _own_state(m)))
     for name, p in model.named_parameters():
         grad = None if p.grad is None else p.grad.clone()
         state.append((name, p.requires_grad, tuple(sorted(p.__dict__)), p.detach().clone(), grad))
     for name, b in model.named_buffers():
         state.append((name, b.clone()))
     return _Comparable(state)
+
+
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"training"}
+
+
+def _own_state(m):
+    """A module's own attributes by identity, and the entries of its dicts and lists by identity (a cache the
+    forward fills): ``(name, id, entries)``."""
+    out = []
+    for k, v in sorted(m.__dict__.items()):
+        if k in _MODULE_INTERNALS:
+            continue
+        entries = (tuple((key, id(val)) for key, val in v.items()) if isinstance(v, dict)
+                   else tuple(map(id, v)) if isinstance(v, list) else None)
+        out.append((k, id(v), entries))
+    return tuple(out)
 
 
 class _Comparable:

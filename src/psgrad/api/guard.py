@@ -2,7 +2,10 @@
 
 Every public call runs its engine inside :class:`ModelGuard`. Engines are written not to leave state on
 modules or parameters, and this guard is the belt to those braces: it restores train/eval modes, hook
-dictionaries, attributes added to modules or parameters, ``.grad``, ``requires_grad`` and buffer values.
+dictionaries, attributes added to modules or parameters, ``.grad``, ``requires_grad`` and buffer values, and a
+module's own attributes: rebound ones are bound back, and dicts, lists and sets get their entries back (a cache a
+module fills in its forward, such as timm's ``attention_bias_cache`` in eval mode, filled by psgrad's probe without
+autograd, would otherwise give the user's next forward a bias without gradient).
 """
 
 from __future__ import annotations
@@ -23,16 +26,51 @@ _HOOK_DICTS = (
 )
 
 
+#: nn.Module's own attributes, restored by the rest of the guard or not state of the model
+_INTERNAL = frozenset(nn.Module().__dict__) | {"training"}
+_CONTAINERS = (dict, list, set)
+
+
+def _own_attributes(m: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """``{name: (value, shallow copy of its entries or None)}`` of the module's attributes that are its own."""
+    out = {}
+    for name, value in m.__dict__.items():
+        if name not in _INTERNAL:
+            out[name] = (value, type(value)(value) if type(value) in _CONTAINERS else None)
+    return out
+
+
+def _restore_attributes(m: nn.Module, saved: dict[str, tuple[Any, Any]]) -> None:
+    for name, (value, entries) in saved.items():
+        if m.__dict__.get(name, _MISSING) is not value:
+            m.__dict__[name] = value
+        if entries is not None and not _same_items(value, entries):
+            value.clear()
+            value.update(entries) if isinstance(value, (dict, set)) else value.extend(entries)
+
+
+def _same_items(now: Any, saved: Any) -> bool:
+    if isinstance(now, dict):
+        return _same_entries(now, saved)
+    if isinstance(now, list):
+        return len(now) == len(saved) and all(a is b for a, b in zip(now, saved))
+    return now == saved  # a set: its members hash, so compare as sets
+
+
+_MISSING = object()
+
+
 class ModelGuard:
     def __init__(self, model: nn.Module):
         self.model = model
 
     def __enter__(self) -> ModelGuard:
         modules = list(self.model.modules())
-        self._modules: list[tuple[nn.Module, bool, set[str], dict[str, dict], dict, dict]] = []
+        self._modules: list[tuple[nn.Module, bool, set[str], dict[str, dict], dict, dict, dict]] = []
         for m in modules:
             hooks = {name: dict(getattr(m, name)) for name in _HOOK_DICTS if hasattr(m, name)}
-            self._modules.append((m, m.training, set(m.__dict__), hooks, dict(m._parameters), dict(m._buffers)))
+            self._modules.append((m, m.training, set(m.__dict__), hooks, dict(m._parameters), dict(m._buffers),
+                                  _own_attributes(m)))
         self._params: list[tuple[nn.Parameter, Any, bool, set[str], int]] = []
         for p in {id(p): p for m in modules for p in m._parameters.values() if p is not None}.values():
             self._params.append((p, p.grad, p.requires_grad, set(p.__dict__), p._version))
@@ -42,10 +80,11 @@ class ModelGuard:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for m, training, attrs, hooks, params, buffers in self._modules:
+        for m, training, attrs, hooks, params, buffers, own in self._modules:
             m.training = training
             for name in set(m.__dict__) - attrs:
                 delattr(m, name)
+            _restore_attributes(m, own)
             for name, saved in hooks.items():
                 current = getattr(m, name)
                 current.clear()
