@@ -77,3 +77,12 @@ def hf_xlnet():  # ids transposed and made contiguous: time-first indices, non-c
     inputs, y = classify_batch(pad_id=5)
     inputs["token_type_ids"] = (torch.arange(inputs["input_ids"].shape[1]) >= 3).long().expand(B, -1).clone()
     return _hf(tf.XLNetForSequenceClassification, cfg, ({**inputs, "use_mems": False}, y), class_ce)
+
+
+@case("timm-xcit", "timm")
+@seeded
+def timm_xcit():  # PositionalEncodingFourier(B, H, W): ints in, pos.repeat(B, ...) out; BatchNorm in the patch embed
+    from real_models_vision import _timm
+
+    return _timm("xcit_nano_12_p16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                 cls_attn_layers=1, eta=0.5)

@@ -192,3 +192,40 @@ def test_per_sample_results_hold_no_graph():
     for engine in ("hooks", "auto", "vmap", "loop"):
         got = psgrad.per_sample_grads(model, _sq, x, y, engine=engine)
         assert not [n for n, v in got.items() if v.requires_grad or v.grad_fn is not None], engine
+
+
+class FromSizes(nn.Module):
+    """A positional encoding made from the batch size alone (timm XCiT's ``PositionalEncodingFourier(B, H, W)``):
+    no input tensor, an output with the batch; ``merged`` returns it with the batch merged into rows."""
+
+    def __init__(self, merged):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 4))
+        self.merged = merged
+
+    def forward(self, b, t):
+        pos = torch.tanh(self.table[:t] * 2).unsqueeze(0).repeat(b, 1, 1)  # [b, t, 4]
+        return pos.reshape(b * t, 4) if self.merged else pos
+
+
+class UsesSizes(nn.Module):
+    def __init__(self, merged):
+        super().__init__()
+        self.pos, self.head, self.merged = FromSizes(merged), nn.Linear(4, 2), merged
+
+    def forward(self, x):  # [B, 3, 4]
+        pos = self.pos(x.shape[0], x.shape[1])
+        pos = pos.view(x.shape[0], x.shape[1], 4) if self.merged else pos
+        return self.head(x * pos).sum(1)
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["batch-first", "merged-rows"])
+def test_a_module_whose_inputs_hold_no_example(merged):
+    """The generic rule cannot re-run such a call per example; the vjp of the one call with each example's rows of
+    the output gradient alone gives each example's gradient."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    model = UsesSizes(merged).eval()
+    check_all_tasks(model, _sq, torch.randn(4, 3, 4, generator=g), torch.randn(4, 2, generator=g))
+    rules = {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(4, 3, 4), torch.randn(4, 2))}
+    assert rules["pos"] == "generic", rules

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
 from .base import Rule, put
-from .call import Call
+from .call import Call, Merged, Ragged
 from .precision import as_autocast
 
 
@@ -38,6 +38,10 @@ class FallbackRule(Rule):
                 "Call the model without such state (for transformers models: use_cache=False)"
             )
         live, cotangents, cot_dims, cot_insert = call.arrived()
+        if all(d is None for d in in_dims):  # nothing of the call's inputs is an example's: one forward serves all
+            for n, g in _masked(module, call, params, live).items():
+                put(dest[n], g, accumulate)
+            return
 
         def one_example(example_leaves: list[Any], example_cots: list[Tensor]) -> dict[str, Tensor]:
             # each example as a batch of one at its own batch dimension (merged rows keep their rows)
@@ -64,6 +68,50 @@ class FallbackRule(Rule):
             ) from exc
         for n in names:
             put(dest[n], grads[n], accumulate)
+
+
+def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list[int]) -> dict[str, Tensor]:
+    """``g_i = J^T (m_i * b)`` for a call none of whose inputs holds the batch (a positional encoding made from the
+    batch size, ``pos.repeat(B, 1, 1, 1)``): the vjp of the one call, as captured, with the output gradients
+    zeroed outside example i's rows, vmapped over i. Exact for any module: only example i's rows reach its gradient.
+    """
+    grads, masks = [], []
+    for j in live:
+        bdim = call.out_bdims[j]
+        if bdim is None or isinstance(bdim, Ragged):
+            raise UnsupportedModelError(f"{type(module).__name__}: an output has no batch dimension and no input has one")
+        grads.append(call.grads[j])
+        masks.append(bdim)
+    args, kwargs = call.args_kwargs()
+    size = call.batch_size
+
+    def f(theta: dict[str, Tensor]) -> list[Tensor]:
+        outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))
+        return [outs[j] for j in live]
+
+    def one_example(onehot: Tensor) -> dict[str, Tensor]:
+        return pullback([g * _rows(onehot, d, g) for g, d in zip(grads, masks)])[0]
+
+    try:
+        with torch.no_grad(), as_autocast(call.autocast):
+            _, pullback = vjp(f, params)
+            eye = torch.eye(size, dtype=grads[0].dtype, device=grads[0].device)
+            return vmap(one_example)(eye)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"the generic rule (torch.func) cannot differentiate {type(module).__name__} per example: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _rows(onehot: Tensor, bdim: int | Merged, like: Tensor) -> Tensor:
+    """The ``[B]`` selector laid out along the output's batch dimension (repeated over merged rows)."""
+    if isinstance(bdim, Merged):
+        values = onehot.repeat_interleave(bdim.rows) if bdim.batch_major else onehot.repeat(bdim.rows)
+        dim = bdim.dim
+    else:
+        values, dim = onehot, bdim
+    return values.view(*([1] * dim), -1, *([1] * (like.dim() - dim - 1)))
 
 
 FALLBACK = FallbackRule()
