@@ -4,7 +4,9 @@ For a call with inputs ``x`` and output gradients ``b`` (one per output tensor),
 ``g_i = J_theta f(x_i; theta)^T b_i``: a ``vjp`` of ``functional_call(module, theta, x_i)`` with the
 module's own parameters, vmapped over the batch. Each example is fed as a batch of one at its own batch
 dimension, so the module sees the layout it was written for. Only this module's forward is re-run, never
-the whole model, and it is exact wherever torch.func can differentiate the module.
+the whole model, and it is exact wherever torch.func can differentiate the module. A call none of whose inputs
+holds an example (made from the batch size alone) cannot be re-run per example: there ``g_i = J^T (m_i * b)``,
+the vjp of the one call with the output gradients kept on example i's rows only.
 """
 
 from __future__ import annotations
