@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch
 from real_models import (
     ENC,
+    VIT,
     B,
     Case,
     _gen,
     _hf,
+    _pixels,
     _tf,
     class_ce,
     classify_batch,
@@ -86,3 +88,21 @@ def timm_xcit():  # PositionalEncodingFourier(B, H, W): ints in, pos.repeat(B, .
 
     return _timm("xcit_nano_12_p16_224", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                  cls_attn_layers=1, eta=0.5)
+
+
+@case("hf-beit", "transformers")
+@seeded
+def hf_beit():  # each layer's relative position bias module: called with no input of any example
+    tf = _tf()
+    cfg = tf.BeitConfig(**VIT, use_relative_position_bias=True, layer_scale_init_value=0.5, use_mean_pooling=True,
+                        drop_path_rate=0.0)
+    return _hf(tf.BeitForImageClassification, cfg, _pixels(), class_ce)
+
+
+@case("hf-data2vec-vision", "transformers")
+@seeded
+def hf_data2vec_vision():  # one relative position bias, made from no input, broadcast to every layer
+    tf = _tf()
+    cfg = tf.Data2VecVisionConfig(**VIT, use_shared_relative_position_bias=True, layer_scale_init_value=0.5,
+                                  use_mean_pooling=True, drop_path_rate=0.0)
+    return _hf(tf.Data2VecVisionForImageClassification, cfg, _pixels(), class_ce)

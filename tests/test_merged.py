@@ -229,3 +229,51 @@ def test_a_module_whose_inputs_hold_no_example(merged):
     check_all_tasks(model, _sq, torch.randn(4, 3, 4, generator=g), torch.randn(4, 2, generator=g))
     rules = {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(4, 3, 4), torch.randn(4, 2))}
     assert rules["pos"] == "generic", rules
+
+
+class SharedBias(nn.Module):
+    """A relative position bias made once from no input and shared by every layer (transformers' Data2Vec
+    vision): ``[1, T, T]``, broadcast over the batch."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * t - 1) * 0.5)
+        idx = torch.arange(t)
+        self.register_buffer("index", idx[None, :] - idx[:, None] + t - 1, persistent=False)
+
+    def forward(self):
+        return self.table[self.index].unsqueeze(0)
+
+
+class BiasedLayer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(d))  # a bare parameter in a matrix product: the generic rule
+
+    def forward(self, x, bias):  # x [B, T, d], bias [1 or B, T, T]
+        scores = (x * self.scale) @ x.transpose(1, 2) + bias
+        return torch.softmax(scores, -1) @ x
+
+
+class SharesBias(nn.Module):
+    def __init__(self, t=4, d=3):
+        super().__init__()
+        self.bias, self.layers, self.head = SharedBias(t), nn.ModuleList([BiasedLayer(d), BiasedLayer(d)]), nn.Linear(d, 2)
+
+    def forward(self, x):
+        bias = self.bias()
+        for layer in self.layers:
+            x = layer(x, bias)
+        return self.head(x).mean(1)
+
+
+def test_a_bias_made_from_no_input_and_shared_by_layers():
+    """The bias module's output (one row, broadcast) is expanded over the batch by the capture, which the layers
+    then receive in place of the probe's one row: each example's row is the broadcast value, and the bias module's
+    own call, with no input of any example, is differentiated by masked cotangents of its one row."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    model = SharesBias().eval()
+    check_all_tasks(model, _sq, torch.randn(3, 4, 3, generator=g), torch.randn(3, 2, generator=g))
+    rules = {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(3, 4, 3), torch.randn(3, 2))}
+    assert rules["bias"] == "generic" and rules["layers.0"] not in ("generic", "refused"), rules

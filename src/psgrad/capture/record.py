@@ -236,6 +236,7 @@ class Recorder:
         call = Call(unit.module, b, kept, spec, in_bdims, versions, [], [], [None] * len(outs), _arg_leaves(args, spec),
                     states=states, autocast=self._autocast)
         record = _Pending(unit, call)
+        call.out_expanded = record.expanded
         changed = False
         inside = consumed_inside(outs, start)  # NOTE [outputs the module itself consumes]
         for j, t in enumerate(outs):
@@ -294,6 +295,8 @@ class Recorder:
         try:
             return batch_dim(t.shape, probed, b, bp, lambda: what)
         except UnsupportedModelError as exc:
+            if ragged and (d := _expanded_dim(t, probed, b)) is not None:
+                return d
             found = merged.candidate(t.shape, probed, b, bp) if len(t.shape) == len(probed) else None
             if found is None:
                 if ragged:
@@ -340,6 +343,19 @@ class Recorder:
                 self._on_ready(record.unit, record.call)
             except Exception as exc:  # re-raised after backward, outside autograd's thread
                 self._error = exc
+
+
+def _expanded_dim(t: Tensor, probed: torch.Size, b: int) -> int | None:
+    """The dimension of an input that an earlier call's output broadcast from a batch of one was expanded in (NOTE
+    [outputs broadcast from a batch of one]): size B with stride 0 where the probe saw 1, every other size equal
+    (a relative position bias shared by all layers). Each example's row is then the broadcast value, as in the
+    probe."""
+    if t.dim() != len(probed):
+        return None
+    dims = [d for d, (r, p) in enumerate(zip(t.shape, probed)) if r != p]
+    if len(dims) == 1 and t.shape[dims[0]] == b and probed[dims[0]] == 1 and t.stride(dims[0]) == 0:
+        return dims[0]
+    return None
 
 
 def _arg_leaves(args: tuple, spec: Any) -> list[int | None]:

@@ -90,6 +90,9 @@ class Call:
     states: dict[int, Any] = field(default_factory=dict)
     #: the autocast the call was made in (NOTE [mixed precision] in psgrad.rules.precision); empty without
     autocast: AutocastState = ()
+    #: per output: whether the capture expanded it over the batch from a batch of one (NOTE [outputs broadcast
+    #: from a batch of one] in psgrad.capture.probe): the module itself returned one row
+    out_expanded: list[bool] = field(default_factory=list)
 
     @classmethod
     def of_tensors(

@@ -77,13 +77,14 @@ def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     batch size, ``pos.repeat(B, 1, 1, 1)``): the vjp of the one call, as captured, with the output gradients
     zeroed outside example i's rows, vmapped over i. Exact for any module: only example i's rows reach its gradient.
     """
-    grads, masks = [], []
+    grads, masks, expanded = [], [], []
     for j in live:
         bdim = call.out_bdims[j]
         if bdim is None or isinstance(bdim, Ragged):
             raise UnsupportedModelError(f"{type(module).__name__}: an output has no batch dimension and no input has one")
         grads.append(call.grads[j])
         masks.append(bdim)
+        expanded.append(j < len(call.out_expanded) and call.out_expanded[j])
     args, kwargs = call.args_kwargs()
     size = call.batch_size
 
@@ -92,7 +93,10 @@ def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
         return [outs[j] for j in live]
 
     def one_example(onehot: Tensor) -> dict[str, Tensor]:
-        return pullback([g * _rows(onehot, d, g) for g, d in zip(grads, masks)])[0]
+        # an output the capture expanded from the module's one row: example i's row of its gradient, as that row
+        cots = [(g * _rows(onehot, d, g)).sum(d, keepdim=True) if e else g * _rows(onehot, d, g)
+                for g, d, e in zip(grads, masks, expanded)]
+        return pullback(cots)[0]
 
     try:
         with torch.no_grad(), as_autocast(call.autocast):
