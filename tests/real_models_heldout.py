@@ -106,3 +106,23 @@ def hf_data2vec_vision():  # one relative position bias, made from no input, bro
     cfg = tf.Data2VecVisionConfig(**VIT, use_shared_relative_position_bias=True, layer_scale_init_value=0.5,
                                   use_mean_pooling=True, drop_path_rate=0.0)
     return _hf(tf.Data2VecVisionForImageClassification, cfg, _pixels(), class_ce)
+
+
+@case("timm-sequencer2d", "timm")
+@seeded
+def timm_sequencer():  # bidirectional nn.LSTM over rows and columns of merged rows: torch.func cannot run it
+    from real_models_vision import _timm
+
+    return _timm("sequencer2d_s", layers=(1, 1, 1, 1), embed_dims=(16, 16, 16, 16), hidden_sizes=(8, 8, 8, 8),
+                 patch_sizes=(4, 2, 1, 1))
+
+
+@case("peft-loha-llama", "transformers", "peft")
+@seeded
+def peft_loha():  # LoHa's weights come from an autograd Function torch.func cannot transform
+    from peft import LoHaConfig, get_peft_model
+    from real_models import hf_llama
+
+    model, loss, inputs, y = hf_llama()
+    cfg = LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    return get_peft_model(model, cfg).eval(), loss, inputs, y

@@ -21,15 +21,16 @@ from psgrad.workloads import Workload
 
 
 class Gated(nn.Module):
-    """A parameter of its own behind a data-dependent Python branch (torch.func cannot run it per example), used
-    by an operation that has no per-example rule for bare parameters (NOTE [bare parameters])."""
+    """A parameter of its own behind a random, data-dependent Python branch (neither torch.func nor a re-run can
+    reproduce it per example), used by an operation that has no per-example rule for bare parameters (NOTE [bare
+    parameters]). The branch is always taken: the values are deterministic, and the loop engine runs it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.abs().sum().item() >= 0:
+        if torch.rand(()).item() >= 0:
             return torch.maximum(x, self.scale)
         return x
 

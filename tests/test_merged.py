@@ -277,3 +277,37 @@ def test_a_bias_made_from_no_input_and_shared_by_layers():
     check_all_tasks(model, _sq, torch.randn(3, 4, 3, generator=g), torch.randn(3, 2, generator=g))
     rules = {r.path: r.rule for r in psgrad.explain(model, _sq, torch.randn(3, 4, 3), torch.randn(3, 2))}
     assert rules["bias"] == "generic" and rules["layers.0"] not in ("generic", "refused"), rules
+
+
+class _Square(torch.autograd.Function):
+    """An autograd Function in the old style (no ``setup_context``), which torch.func cannot transform (peft's LoHa
+    adapters compute their weights with such a Function)."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return 2 * w * g
+
+
+class OldStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+
+    def forward(self, x):
+        scale = 2.0 if float(x.abs().max()) > 0 else 1.0  # data-dependent control flow: torch.func refuses it too
+        return x @ _Square.apply(self.w) * scale
+
+
+def test_what_torch_func_cannot_transform_takes_autograd_example_by_example():
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    model = nn.Sequential(OldStyle(), nn.Tanh(), nn.Linear(3, 2)).eval()
+    check_all_tasks(model, _sq, torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
+    with pytest.raises(UnsupportedModelError):  # vmap itself cannot run it
+        psgrad.per_sample_grads(model, _sq, torch.randn(4, 4), torch.randn(4, 2), engine="vmap")

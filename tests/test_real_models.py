@@ -57,7 +57,10 @@ _OPACUS_CHANNELS_LAST = ("Opacus's conv grad sampler is wrong on a channels-last
                          "ConvNeXt's channels-first LayerNorm); on a contiguous copy of the same input it is exact")
 _OPACUS_TIME_FIRST = ("Opacus takes dimension 0 of every layer input for the batch (batch_first=True), and XLNet runs "
                       "time-first ([T, B, d]) inside: its grad samples mix positions with examples")
+_OPACUS_UNHOOKED = ("Opacus samples only layers it has a grad sampler for; LoHa's factors are ParameterDict entries "
+                    "used by the adapter wrapper's forward, and their grad samples come back zero")
 PEER_DEFECTS = {
+    ("peft-loha-llama", "opacus"): _OPACUS_UNHOOKED,
     ("hf-deberta-v2", "opacus"): _OPACUS_BROADCAST,
     ("hf-longt5-tglobal", "opacus"): _OPACUS_BATCH_FREE,
     ("hf-xlnet", "opacus"): _OPACUS_TIME_FIRST,

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
@@ -40,10 +41,6 @@ class FallbackRule(Rule):
                 "Call the model without such state (for transformers models: use_cache=False)"
             )
         live, cotangents, cot_dims, cot_insert = call.arrived()
-        if all(d is None for d in in_dims):  # nothing of the call's inputs is an example's: one forward serves all
-            for n, g in _masked(module, call, params, live).items():
-                put(dest[n], g, accumulate)
-            return
 
         def one_example(example_leaves: list[Any], example_cots: list[Tensor]) -> dict[str, Tensor]:
             # each example as a batch of one at its own batch dimension (merged rows keep their rows)
@@ -58,18 +55,82 @@ class FallbackRule(Rule):
             return pullback([c.unsqueeze(d) if put_back else c for c, d, put_back in zip(example_cots, cot_dims, cot_insert)])[0]
 
         try:
-            # no graph outside the transform: the module's other parameters (its children's, differentiated by
-            # their own units) still require grad, and the result would hold a graph through them
-            # and the autocast the call was made in, so that the re-run computes what it did (NOTE [mixed precision])
-            with torch.no_grad(), as_autocast(call.autocast):
-                grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)
+            if all(d is None for d in in_dims):  # nothing of the call's inputs is an example's: one forward serves all
+                grads = _masked(module, call, params, live)
+            else:
+                # no graph outside the transform: the module's other parameters (its children's, differentiated by
+                # their own units) still require grad, and the result would hold a graph through them; and the
+                # autocast the call was made in, so that the re-run computes what it did (NOTE [mixed precision])
+                with torch.no_grad(), as_autocast(call.autocast):
+                    grads = vmap(one_example, in_dims=(in_dims, cot_dims))(leaves, cotangents)
         except Exception as exc:
-            raise UnsupportedModelError(
-                f"the generic rule (torch.func) cannot differentiate {type(module).__name__} per example: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            reason = (f"the generic rule (torch.func) cannot differentiate {type(module).__name__} per example: "
+                      f"{type(exc).__name__}: {exc}")
+            try:  # what torch.func cannot transform (custom autograd Functions, some fused kernels): plain autograd
+                grads = _looped(module, call, params, live)
+            except Exception as again:
+                raise UnsupportedModelError(f"{reason}; nor can autograd, example by example: "
+                                            f"{type(again).__name__}: {again}") from exc
         for n in names:
             put(dest[n], grads[n], accumulate)
+
+
+def _rows_of(call: Call, live: list[int]) -> tuple[list[Tensor], list[Any], list[bool]]:
+    """The live outputs' gradients as they arrived, their batch dimensions, and whether the capture expanded each
+    from the module's one row."""
+    grads, dims, expanded = [], [], []
+    for j in live:
+        bdim = call.out_bdims[j]
+        if bdim is None or isinstance(bdim, Ragged):
+            raise UnsupportedModelError("an output of the call has no batch dimension to take an example's rows from")
+        grads.append(call.grads[j])
+        dims.append(bdim)
+        expanded.append(j < len(call.out_expanded) and call.out_expanded[j])
+    return grads, dims, expanded
+
+
+def _example_cotangents(grads: list[Tensor], dims: list[Any], expanded: list[bool], onehot: Tensor) -> list[Tensor]:
+    """The output gradients kept on one example's rows (``onehot`` over the batch); an output the capture expanded
+    from the module's one row gets that example's row, as that one row."""
+    return [(g * _rows(onehot, d, g)).sum(d, keepdim=True) if e else g * _rows(onehot, d, g)
+            for g, d, e in zip(grads, dims, expanded)]
+
+
+def _looped(module: nn.Module, call: Call, params: dict[str, Tensor], live: list[int]) -> dict[str, Tensor]:
+    """``g_i = J^T (m_i * b)`` by plain autograd: one forward of the call as captured, then one backward of the
+    module per example with the output gradients kept on its rows. Slower than torch.func, but it runs whatever
+    autograd runs."""
+    grads, dims, expanded = _rows_of(call, live)
+    args, kwargs = call.args_kwargs()
+    theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    size = call.batch_size
+    out = {n: torch.empty((size, *p.shape), dtype=p.dtype, device=p.device) for n, p in theta.items()}
+    with torch.enable_grad(), as_autocast(call.autocast), _NoRandomness(type(module).__name__):
+        outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))
+        outs = [outs[j] for j in live]
+        eye = torch.eye(size, dtype=grads[0].dtype, device=grads[0].device)
+        for i in range(size):
+            found = torch.autograd.grad(outs, list(theta.values()), _example_cotangents(grads, dims, expanded, eye[i]),
+                                        retain_graph=i < size - 1, allow_unused=True)
+            for n, g in zip(theta, found):
+                out[n][i] = 0 if g is None else g
+    return out
+
+
+class _NoRandomness(TorchDispatchMode):
+    """Refuse a random operation in a re-run (dropout in training mode): its draws would not be the forward's, and
+    the gradients not those of the call the model made (torch.func refuses them the same way)."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise UnsupportedModelError(
+                f"{self.label} draws random numbers ({func}) in its forward, which a re-run cannot reproduce; call "
+                "model.eval() (dropout off) or set those probabilities to 0")
+        return func(*args, **(kwargs or {}))
 
 
 def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list[int]) -> dict[str, Tensor]:
@@ -77,37 +138,17 @@ def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     batch size, ``pos.repeat(B, 1, 1, 1)``): the vjp of the one call, as captured, with the output gradients
     zeroed outside example i's rows, vmapped over i. Exact for any module: only example i's rows reach its gradient.
     """
-    grads, masks, expanded = [], [], []
-    for j in live:
-        bdim = call.out_bdims[j]
-        if bdim is None or isinstance(bdim, Ragged):
-            raise UnsupportedModelError(f"{type(module).__name__}: an output has no batch dimension and no input has one")
-        grads.append(call.grads[j])
-        masks.append(bdim)
-        expanded.append(j < len(call.out_expanded) and call.out_expanded[j])
+    grads, dims, expanded = _rows_of(call, live)
     args, kwargs = call.args_kwargs()
-    size = call.batch_size
 
     def f(theta: dict[str, Tensor]) -> list[Tensor]:
         outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))
         return [outs[j] for j in live]
 
-    def one_example(onehot: Tensor) -> dict[str, Tensor]:
-        # an output the capture expanded from the module's one row: example i's row of its gradient, as that row
-        cots = [(g * _rows(onehot, d, g)).sum(d, keepdim=True) if e else g * _rows(onehot, d, g)
-                for g, d, e in zip(grads, masks, expanded)]
-        return pullback(cots)[0]
-
-    try:
-        with torch.no_grad(), as_autocast(call.autocast):
-            _, pullback = vjp(f, params)
-            eye = torch.eye(size, dtype=grads[0].dtype, device=grads[0].device)
-            return vmap(one_example)(eye)
-    except Exception as exc:
-        raise UnsupportedModelError(
-            f"the generic rule (torch.func) cannot differentiate {type(module).__name__} per example: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+    with torch.no_grad(), as_autocast(call.autocast):
+        _, pullback = vjp(f, params)
+        eye = torch.eye(call.batch_size, dtype=grads[0].dtype, device=grads[0].device)
+        return vmap(lambda onehot: pullback(_example_cotangents(grads, dims, expanded, onehot))[0])(eye)
 
 
 def _rows(onehot: Tensor, bdim: int | Merged, like: Tensor) -> Tensor:
