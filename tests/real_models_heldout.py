@@ -126,3 +126,18 @@ def peft_loha():  # LoHa's weights come from an autograd Function torch.func can
     model, loss, inputs, y = hf_llama()
     cfg = LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
     return get_peft_model(model, cfg).eval(), loss, inputs, y
+
+
+def _virtual_tokens_dropped(out, y, n=3):
+    return token_ce(out.logits[:, n:], y)
+
+
+@case("peft-prompt-tuning-gpt2", "transformers", "peft")
+@seeded
+def peft_prompt_tuning():  # virtual token embeddings prepended in the root's forward (.item() on the way)
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from real_models import hf_gpt2
+
+    model, _, inputs, y = hf_gpt2()
+    cfg = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)
+    return get_peft_model(model, cfg).eval(), _virtual_tokens_dropped, inputs, y

@@ -295,13 +295,16 @@ class _Square(torch.autograd.Function):
 
 
 class OldStyle(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout=0.0):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.dropout = dropout
 
     def forward(self, x):
         scale = 2.0 if float(x.abs().max()) > 0 else 1.0  # data-dependent control flow: torch.func refuses it too
-        return x @ _Square.apply(self.w) * scale
+        h = x @ _Square.apply(self.w) * scale  # [B, 3]
+        q = h.unsqueeze(1).expand(-1, 2, -1)  # [B, 2, 3]: an attention kernel, seeded, with dropout_p as given
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=self.dropout if self.training else 0.0).sum(1)
 
 
 def test_what_torch_func_cannot_transform_takes_autograd_example_by_example():
@@ -311,3 +314,9 @@ def test_what_torch_func_cannot_transform_takes_autograd_example_by_example():
     check_all_tasks(model, _sq, torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
     with pytest.raises(UnsupportedModelError):  # vmap itself cannot run it
         psgrad.per_sample_grads(model, _sq, torch.randn(4, 4), torch.randn(4, 2), engine="vmap")
+
+
+def test_a_re_run_that_would_draw_new_dropout_masks_is_refused():
+    model = nn.Sequential(OldStyle(dropout=0.5), nn.Linear(3, 2)).train()
+    with pytest.raises(UnsupportedModelError, match="draws random numbers"):
+        psgrad.per_sample_grads(model, _sq, torch.randn(4, 4), torch.randn(4, 2), engine="hooks")

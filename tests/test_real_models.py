@@ -61,6 +61,7 @@ _OPACUS_UNHOOKED = ("Opacus samples only layers it has a grad sampler for; LoHa'
                     "used by the adapter wrapper's forward, and their grad samples come back zero")
 PEER_DEFECTS = {
     ("peft-loha-llama", "opacus"): _OPACUS_UNHOOKED,
+    ("peft-prompt-tuning-gpt2", "opacus"): _OPACUS_BROADCAST,
     ("hf-deberta-v2", "opacus"): _OPACUS_BROADCAST,
     ("hf-longt5-tglobal", "opacus"): _OPACUS_BATCH_FREE,
     ("hf-xlnet", "opacus"): _OPACUS_TIME_FIRST,

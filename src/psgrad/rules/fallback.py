@@ -126,11 +126,23 @@ class _NoRandomness(TorchDispatchMode):
         self.label = label
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if torch.Tag.nondeterministic_seeded in func.tags and not _draws_nothing(func, args, kwargs or {}):
             raise UnsupportedModelError(
                 f"{self.label} draws random numbers ({func}) in its forward, which a re-run cannot reproduce; call "
                 "model.eval() (dropout off) or set those probabilities to 0")
         return func(*args, **(kwargs or {}))
+
+
+def _draws_nothing(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a seeded op is called so that it draws nothing: a dropout probability of 0 (an attention kernel's
+    ``dropout_p``, ``native_dropout``'s ``p``) or ``train=False``."""
+    schema = func._schema.arguments
+    bound = {a.name: a.default_value for a in schema if a.has_default_value()}
+    bound |= dict(zip((a.name for a in schema), args)) | kwargs
+    if bound.get("train") is False:
+        return True
+    p = bound.get("dropout_p", bound.get("p"))
+    return isinstance(p, (int, float)) and p == 0
 
 
 def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list[int]) -> dict[str, Tensor]:
