@@ -75,7 +75,10 @@ def resolve(real: Tensor, probe: Tensor | None, tail: Tensor | None, dim: int, r
         return Merged(dim, rows, True)
     if fits == [False, True]:
         return Merged(dim, rows, False)
-    reason = "both layouts fit (identical examples?)" if all(fits) else "neither a batch-major nor a time-major layout fits"
+    if all(fits) and real.numel() and bool((real == real.reshape(-1)[0]).all()):
+        reason = "its values are all equal (a layer initialized to zero?), so they cannot tell the layouts apart"
+    else:
+        reason = "both layouts fit (identical examples?)" if all(fits) else "neither a batch-major nor a time-major layout fits"
     raise UnsupportedModelError(
         f"{what} does not carry the batch in one dimension: it holds it merged with {rows} rows in dimension {dim}, "
         f"and it cannot be told how: {reason} (NOTE [batches merged into rows])"
