@@ -1,5 +1,6 @@
-"""Rules for other libraries' layers (transformers' Conv1D and RMSNorm, timm's LayerNorm and LayerNorm2d) against
-the truth, and that a class whose code differs from the one a rule was written for takes the generic rule."""
+"""Rules for other libraries' layers (transformers' Conv1D and RMSNorm, timm's LayerNorm, LayerNorm2d, Linear and
+norm+activation layers) against the truth, and that a class whose code differs from the one a rule was written for
+takes the generic rule."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
         layer = LlamaRMSNorm(d, eps=1e-5)
     elif kind == "timm.LayerNorm":
         layer = timm.layers.LayerNorm(d)
+    elif kind == "timm.Linear":
+        layer = timm.layers.Linear(d, d + 2)
     else:  # timm.LayerNorm2d
         layer = timm.layers.LayerNorm2d(d)
     with torch.no_grad():
@@ -49,10 +52,11 @@ def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
     return layer, ((d, 3, 2) if kind == "timm.LayerNorm2d" else (d,))
 
 
-@given(kind=st.sampled_from(["transformers.Conv1D", "transformers.LlamaRMSNorm", "timm.LayerNorm", "timm.LayerNorm2d"]),
+@given(kind=st.sampled_from(["transformers.Conv1D", "transformers.LlamaRMSNorm", "timm.LayerNorm", "timm.LayerNorm2d",
+                             "timm.Linear"]),
        batch=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2), d=st.integers(2, 5))
 def test_library_rules_match_truth(kind, batch, lead, d):
-    """nn.Conv1D (transformers), nn.LlamaRMSNorm, nn.LayerNorm (timm), nn.LayerNorm2d (timm)."""
+    """nn.Conv1D (transformers), nn.LlamaRMSNorm, nn.LayerNorm (timm), nn.LayerNorm2d (timm), nn.Linear (timm)."""
     torch.manual_seed(0)
     layer, feature = _layer(kind, d)
     lead = [] if kind == "timm.LayerNorm2d" else lead
@@ -88,3 +92,49 @@ def test_rms_norms_of_many_models_share_the_rule():
     assert type(DEFAULT.resolve(MistralRMSNorm(4)).rule) is type(DEFAULT.resolve(Qwen2RMSNorm(4)).rule)
     records = psgrad.explain(Seq(Qwen2RMSNorm(4)), _sq, torch.randn(3, 4), torch.randn(3, 4))
     assert records[0].rule == "HFRMSNormRule"
+
+
+def _norm_act(kind: str, c: int, act: str, groups: int) -> nn.Module:
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct, LayerNormAct2d
+
+    if kind == "BatchNormAct2d":
+        layer = BatchNormAct2d(c, act_layer=act)
+        with torch.no_grad():
+            layer.running_mean.uniform_(-1, 1)
+            layer.running_var.uniform_(0.5, 2)
+    elif kind == "GroupNormAct":
+        layer = GroupNormAct(c, num_groups=groups, act_layer=act)
+    else:
+        layer = LayerNormAct2d(c, act_layer=act)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    return layer
+
+
+@given(kind=st.sampled_from(["BatchNormAct2d", "GroupNormAct", "LayerNormAct2d"]),
+       act=st.sampled_from(["relu", "silu", "hard_swish", "gelu", "identity"]),
+       batch=st.integers(1, 4), groups=st.sampled_from([1, 2]), hw=st.tuples(st.integers(1, 3), st.integers(1, 3)))
+def test_norm_act_rules_match_truth(kind, act, batch, groups, hw):
+    """nn.BatchNormAct2d (eval), nn.GroupNormAct, nn.LayerNormAct2d (timm): the norm's gradients taken through its
+    activation (in-place ReLU among them)."""
+    torch.manual_seed(0)
+    layer = _norm_act(kind, 4, act, groups)
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 4, *hw, generator=g)
+    model = Seq(layer).eval()
+    y = torch.randn(model(x).shape, generator=g) * 0.5
+    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
+    with no_fallback():
+        check_all_tasks(model, _sq, x, y)
+
+
+def test_norm_act_in_training_mode_takes_no_norm_act_rule():
+    """Dropout after the norm in training mode: the rule's recomputation of the activation would draw other
+    masks, so the call is refused (GroupNormAct: per-sample gradients are defined, the masks are not ours)."""
+    from timm.layers.norm_act import GroupNormAct
+
+    layer = GroupNormAct(4, num_groups=2, act_layer="relu", drop_layer=lambda: nn.Dropout(0.5))
+    model = Seq(layer).train()
+    with pytest.raises(psgrad.UnsupportedModelError, match="random"):
+        psgrad.per_sample_grads(model, _sq, torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), engine="hooks")

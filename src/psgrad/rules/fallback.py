@@ -105,7 +105,7 @@ def _looped(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     size = call.batch_size
     out = {n: torch.empty((size, *p.shape), dtype=p.dtype, device=p.device) for n, p in theta.items()}
-    with torch.enable_grad(), as_autocast(call.autocast), _NoRandomness(type(module).__name__):
+    with torch.enable_grad(), as_autocast(call.autocast), NoRandomness(type(module).__name__):
         outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))
         outs = [outs[j] for j in live]
         eye = torch.eye(size, dtype=grads[0].dtype, device=grads[0].device)
@@ -117,7 +117,7 @@ def _looped(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     return out
 
 
-class _NoRandomness(TorchDispatchMode):
+class NoRandomness(TorchDispatchMode):
     """Refuse a random operation in a re-run (dropout in training mode): its draws would not be the forward's, and
     the gradients not those of the call the model made (torch.func refuses them the same way)."""
 

@@ -37,3 +37,15 @@ class LinearRule(LinearFormRule):
         if "bias" in names:
             forms.sums["bias"] = [(0, b.sum(1))]
         return forms
+
+
+TIMM_LINEAR = "timm.layers.linear.Linear"
+
+
+@DEFAULT.register(TIMM_LINEAR)
+class TimmLinearRule(LinearRule):
+    """timm's ``Linear`` (classifier heads of its convnets): ``F.linear(x, weight, bias)`` outside TorchScript, the
+    stock computation (registered by name and by the code of its forward, timm 1.0, never importing timm)."""
+
+    reproduces = (TIMM_LINEAR,)
+    digests = {"forward": "f4a0994aa429759e"}  # timm 1.0
