@@ -138,3 +138,73 @@ def test_norm_act_in_training_mode_takes_no_norm_act_rule():
     model = Seq(layer).train()
     with pytest.raises(psgrad.UnsupportedModelError, match="random"):
         psgrad.per_sample_grads(model, _sq, torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), engine="hooks")
+
+
+class _Tokens(nn.Module):
+    def __init__(self, emb: nn.Module):
+        super().__init__()
+        self.emb, self.head = emb, nn.Linear(emb.embedding_dim, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)).mean(1))
+
+
+@given(kind=st.sampled_from(["ScaledEmbedding", "ScaledEmbeddingCast"]), batch=st.integers(1, 4),
+       t=st.integers(1, 5), scale=st.floats(0.25, 8.0), pad=st.booleans())
+def test_scaled_embedding_rules_match_truth(kind, batch, t, scale, pad):
+    """nn.ScaledEmbedding (transformers' MBart, Blenderbot, ...: rows times ``embed_scale``) and
+    nn.ScaledEmbeddingCast (Gemma 2 and 3: ``embed_scale`` a buffer cast to the weight's dtype)."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2TextScaledWordEmbedding
+    from transformers.models.mbart.modeling_mbart import MBartScaledWordEmbedding
+
+    torch.manual_seed(0)
+    cls = MBartScaledWordEmbedding if kind == "ScaledEmbedding" else Gemma2TextScaledWordEmbedding
+    emb = cls(7, 3, padding_idx=1 if pad else None, embed_scale=scale)
+    model = _Tokens(emb).eval()
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 7, (batch, t), generator=g)
+    assert DEFAULT.resolve(emb).rule is not None, DEFAULT.resolve(emb).reason
+    with no_fallback():
+        check_all_tasks(model, _sq, ids, torch.randn(batch, 2, generator=g))
+
+
+@given(batch=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2), bias=st.booleans())
+def test_matmul_linear_rule_matches_truth(batch, lead, bias):
+    """nn.MatmulLinear: transformers' FalconLinear, ``input @ weight.T (+ bias)``."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    torch.manual_seed(0)
+    layer = FalconLinear(3, 4, bias=bias)
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *lead, 3, generator=g)
+    model = Seq(layer).eval()
+    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
+    with no_fallback():
+        check_all_tasks(model, _sq, x, torch.randn(model(x).shape, generator=g) * 0.5)
+
+
+def test_the_same_code_over_another_base_takes_the_generic_rule():
+    """The scaled embedding's code calls ``super().forward``: over a base other than nn.Embedding it computes
+    something else, and the rule declines it."""
+    from transformers.models.mbart.modeling_mbart import MBartScaledWordEmbedding
+
+    class Doubled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2
+
+    class Scaled(Doubled):
+        def __init__(self):
+            super().__init__(5, 3)
+            self.embed_scale = 1.5
+
+        def forward(self, input_ids: torch.Tensor):  # MBartScaledWordEmbedding's code, over another base
+            return super().forward(input_ids) * self.embed_scale
+
+    Scaled.__module__ = "somewhere.else"
+    from psgrad.rules.base import source_digest
+
+    assert source_digest(Scaled.forward) == source_digest(MBartScaledWordEmbedding.forward)
+    found = DEFAULT.resolve(Scaled())
+    assert found.rule is None and "super().forward is not Embedding's" in found.reason, found.reason
+    torch.manual_seed(0)
+    check_all_tasks(_Tokens(Scaled()).eval(), _sq, torch.randint(0, 5, (3, 4)), torch.randn(3, 2))

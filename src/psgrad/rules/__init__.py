@@ -31,7 +31,7 @@ def table(registry: Registry = DEFAULT) -> str:
     rows = ["| layer | rule | taken by the generic rule instead |", "|---|---|---|"]
     entries = [(f"`nn.{t.__qualname__}`" if isinstance(t, type) else f"`{t}`", registry.lookup_registered(t))
                for t in registry.types()]
-    entries += [(f"any class whose `{method}` is transformers' RMSNorm's (code {digest})", rule)
+    entries += [(f"any class whose `{method}` is the code of {rule.code_of or 'a registered layer'} ({digest})", rule)
                 for method, digest, rule in registry.code_registrations()]
     for name, rule in sorted(entries, key=lambda e: (not e[0].startswith("`nn."), e[0])):
         declines = [f"subclasses that override {', '.join(f'`{m}`' for m in rule.computation)}"] if rule.computation else []

@@ -61,6 +61,8 @@ class Rule:
     #: for classes of other libraries: ``{method: digest of its source}`` (:func:`source_digest`) that the
     #: installed class must match, so that a changed release takes the generic rule instead of a stale formula
     digests: ClassVar[dict[str, str]] = {}
+    #: for a rule registered by code: whose code that is, in words (the README's rules table)
+    code_of: ClassVar[str] = ""
     #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
     #: out_proj, whose forward is never called)
     claims_children: ClassVar[bool] = False

@@ -43,9 +43,10 @@ def _segments(idx: Tensor) -> Tensor:
     return torch.empty_like(seg_sorted).scatter_(1, order, seg_sorted)
 
 
-def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
-    """One call as ``idx: [B, T]`` (int64) and output gradients ``b: [B, T, d]``, with the rows at
-    ``padding_idx`` set to zero (so that the padding row receives nothing)."""
+def _forms(module: nn.Embedding, call: Call, scale: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """One call as ``idx: [B, T]`` (int64) and output gradients ``b: [B, T, d]`` (times ``scale``, the factor a
+    scaled embedding multiplies its rows by), with the rows at ``padding_idx`` set to zero (so that the padding
+    row receives nothing)."""
     bsz, d = call.batch_size, module.embedding_dim
     idx = call.arg(0).reshape(bsz, -1)
     if idx.is_floating_point() or idx.is_complex():
@@ -56,14 +57,17 @@ def _forms(module: nn.Embedding, call: Call) -> tuple[Tensor, Tensor]:
         # index of one example reach another example's rows of the per-sample gradient
         raise UnsupportedModelError(f"an index lies outside [0, {module.num_embeddings}), the rows of the weight")
     b = call.grad(0).reshape(bsz, -1, d)
+    if scale is not None:
+        b = b * scale
     if module.padding_idx is not None:
         b = b.masked_fill((idx == module.padding_idx).unsqueeze(-1), 0)
     return idx, b
 
 
-def _calls_forms(module: nn.Embedding, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+def _calls_forms(module: nn.Embedding, calls: Sequence[Call], scale: Tensor | float | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """:func:`_forms` of several calls concatenated along T (which sums their gradients)."""
-    parts = [_forms(module, c) for c in calls]
+    parts = [_forms(module, c, scale) for c in calls]
     return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
@@ -94,6 +98,10 @@ class EmbeddingRule(Rule):
     parameters = frozenset({"weight"})
     keeps_per_sample = False
 
+    def scale(self, module: nn.Embedding) -> Tensor | float | None:
+        """The factor the module multiplies its looked-up rows by (None: the stock embedding)."""
+        return None
+
     def check_call(self, module: nn.Embedding, call: Call | None) -> str | None:
         if module.max_norm is not None:
             return "max_norm renormalizes the weight in place during the forward"
@@ -104,7 +112,7 @@ class EmbeddingRule(Rule):
     def grad_sample(self, module: nn.Embedding, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
         if "weight" not in dest:
             return
-        idx, b = _forms(module, call)
+        idx, b = _forms(module, call, self.scale(module))
         w = dest["weight"]
         bsz, t, d = b.shape
         if not accumulate:
@@ -120,7 +128,7 @@ class EmbeddingRule(Rule):
         the ``[B, V, d]`` gradient need not be built; materialized where the sink declines."""
         if "weight" not in names:
             return
-        idx, b = _calls_forms(module, calls)
+        idx, b = _calls_forms(module, calls, self.scale(module))
         if not sink.rows_form("weight", idx, b, module.num_embeddings):
             sink.grads("weight", materialize_one(self, module, calls, "weight"))
 
@@ -129,7 +137,7 @@ class EmbeddingRule(Rule):
     ) -> tuple[dict[str, Tensor], EmbeddingCache | None]:
         if "weight" not in names:
             return {}, None
-        idx, b = _calls_forms(module, calls)
+        idx, b = _calls_forms(module, calls, self.scale(module))
         seg = _segments(idx)
         per_token = torch.zeros_like(b).scatter_add_(1, seg.unsqueeze(-1).expand_as(b), b)
         return {"weight": per_token.pow(2).sum((1, 2))}, EmbeddingCache(idx, b)
@@ -145,3 +153,43 @@ class EmbeddingRule(Rule):
         out.index_add_(0, idx.reshape(-1), (b * c.to(b.dtype).view(-1, 1, 1)).reshape(-1, d))
         return {"weight": out}
 
+
+
+def _super_forward_is(module: nn.Module, base: type) -> str | None:
+    """None if the class that defines ``module``'s forward calls, through ``super()``, ``base``'s forward."""
+    mro = type(module).__mro__
+    owner = next(i for i, c in enumerate(mro) if "forward" in c.__dict__)
+    after = next((c for c in mro[owner + 1:] if "forward" in c.__dict__), None)
+    return None if after is base else f"its super().forward is not {base.__name__}'s"
+
+
+#: transformers' scaled word embeddings: ``super().forward(ids) * self.embed_scale`` (Bart, MBart, PLBart,
+#: Blenderbot, M2M100, NLLB-MoE, ...) and ``... * self.embed_scale.to(self.weight.dtype)`` (Gemma 2 and 3), transformers 5.24
+HF_SCALED_EMBEDDING_FORWARD = "00beb8a849ad0ee7"
+HF_SCALED_EMBEDDING_CAST_FORWARD = "ebbac37f95d2d592"
+
+
+@DEFAULT.register_code("forward", HF_SCALED_EMBEDDING_FORWARD)
+class HFScaledEmbeddingRule(EmbeddingRule):
+    """An embedding whose rows are multiplied by ``embed_scale``: the stock rule with ``b`` scaled by it."""
+
+    code_of = "transformers' scaled word embeddings (Bart, MBart, PLBart, Blenderbot, M2M100, NLLB-MoE, ...)"
+    reproduces = ()  # an nn.Embedding whose forward is overridden by this code, which the digest pins down
+    digests = {"forward": HF_SCALED_EMBEDDING_FORWARD}
+
+    def applicability(self, module: nn.Module) -> str | None:
+        """The digest, and that the ``super().forward`` the code calls is nn.Embedding's."""
+        return super().applicability(module) or _super_forward_is(module, nn.Embedding)
+
+    def scale(self, module: nn.Embedding) -> Tensor | float | None:
+        s = module.embed_scale
+        return s.detach() if isinstance(s, Tensor) else float(s)
+
+
+@DEFAULT.register_code("forward", HF_SCALED_EMBEDDING_CAST_FORWARD)
+class HFScaledEmbeddingCastRule(HFScaledEmbeddingRule):
+    code_of = "transformers' scaled word embeddings of Gemma 2 and 3"
+    digests = {"forward": HF_SCALED_EMBEDDING_CAST_FORWARD}
+
+    def scale(self, module: nn.Embedding) -> Tensor | float | None:
+        return module.embed_scale.detach().to(module.weight.dtype)

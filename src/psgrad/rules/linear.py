@@ -49,3 +49,19 @@ class TimmLinearRule(LinearRule):
 
     reproduces = (TIMM_LINEAR,)
     digests = {"forward": "f4a0994aa429759e"}  # timm 1.0
+
+
+#: transformers' FalconLinear: ``input @ self.weight.T`` plus the bias, the stock computation (transformers 5.24)
+HF_MATMUL_LINEAR_FORWARD = "7e0a094b1a3afe21"
+
+
+@DEFAULT.register_code("forward", HF_MATMUL_LINEAR_FORWARD)
+class HFMatmulLinearRule(LinearRule):
+    code_of = "transformers' FalconLinear"
+    reproduces = ()  # an nn.Linear whose forward is overridden by this code, which the digest pins down
+    digests = {"forward": HF_MATMUL_LINEAR_FORWARD}
+
+    def applicability(self, module: nn.Module) -> str | None:
+        if not isinstance(module, nn.Linear):  # the formula reads in_features and out_features
+            return f"{type(module).__name__} is not an nn.Linear"
+        return super().applicability(module)

@@ -62,6 +62,7 @@ HF_RMS_NORM_FORWARD = "13d08e4c8d3def44"
 
 @DEFAULT.register_code("forward", HF_RMS_NORM_FORWARD)
 class HFRMSNormRule(_TrailingAffineRule):
+    code_of = "transformers' RMSNorm"
     parameters = frozenset({"weight"})
     digests = {"forward": HF_RMS_NORM_FORWARD}
 

@@ -114,14 +114,16 @@ class Registry:
         return [(m, d, r) for (m, d), r in self._by_code.items()]
 
     def _find(self, module_type: type) -> tuple[type, Rule] | None:
-        for cls in module_type.__mro__:
-            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
-            if rule is not None:
-                return cls, rule
+        # code first: a subclass of a registered layer whose own forward is registered code (a scaled embedding)
+        # is served by that code's rule, not refused by its base's for overriding forward
         if self._by_code and module_type.__module__.split(".")[0] not in ("torch", "psgrad"):
             for (method, digest), rule in self._by_code.items():
                 if source_digest(getattr(module_type, method, None)) == digest:
                     return module_type, rule
+        for cls in module_type.__mro__:
+            rule = self._rules.get(cls) or self._rules.get(f"{cls.__module__}.{cls.__qualname__}")
+            if rule is not None:
+                return cls, rule
         return None
 
 
