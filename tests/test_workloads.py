@@ -12,14 +12,15 @@ from psgrad import workloads
 PARAMETERS = {  # trainable parameters of each workload, as its docstring states them
     "resnet18-gn": 11_181_642, "resnet18-gn-oop": 11_181_642, "wrn16-4-gn": 2_748_890, "cnn": 132_042,
     "mlp": 1_707_274, "vit-tiny": 2_693_578, "lstm-text": 2_081_002, "transformer": 5_258_762,
-    "gpt2-tiny": 1_461_760,
+    "gpt2-tiny": 1_461_760, "vit-timm": 5_489_482,
 }
+NEEDS = {"gpt2-tiny": "transformers", "vit-timm": "timm"}
 
 
 @pytest.mark.parametrize("name", list(workloads.WORKLOADS))
 def test_workload_builds(name):
-    if name == "gpt2-tiny" and importlib.util.find_spec("transformers") is None:
-        pytest.skip("needs the hf extra (transformers)")
+    if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"needs the hf extra ({NEEDS[name]})")
     w = workloads.make(name, 3)
     assert w.name == name and w.batch_size == 3
     assert not any(m.training for m in w.model.modules())

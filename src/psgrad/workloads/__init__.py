@@ -15,7 +15,7 @@ import torch
 from ..errors import PsgradError
 from .base import Workload
 from .sequence import gpt2_tiny, lstm_text, transformer
-from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop, vit_tiny, wrn16_4_gn
+from .vision import cnn, mlp, resnet18_gn, resnet18_gn_oop, vit_timm, vit_tiny, wrn16_4_gn
 
 Factory = Callable[[int, torch.device], Workload]
 
@@ -29,6 +29,7 @@ WORKLOADS: dict[str, Factory] = {
     "lstm-text": lstm_text,
     "transformer": transformer,
     "gpt2-tiny": gpt2_tiny,
+    "vit-timm": vit_timm,
 }
 
 #: out-of-place twins: the same model, weights and numbers without in-place ops (which Opacus's module

@@ -168,3 +168,14 @@ def vit_tiny(batch_size: int, device: torch.device) -> Workload:
     torch.manual_seed(0)
     x, y = _cifar_batch(batch_size, device)
     return Workload("vit-tiny", ViT().to(device).eval(), x, y, nn.CrossEntropyLoss(reduction="none"))
+
+
+def vit_timm(batch_size: int, device: torch.device) -> Workload:
+    """timm's ``vit_tiny_patch16_224`` built for 32x32 inputs (``img_size=32``: 4 patches of 16x16 and a class token),
+    random weights, 10 classes, eval mode (5.5M parameters; its class token and position embedding are bare
+    parameters of the root module). Needs the ``hf`` extra (timm)."""
+    timm = require("timm", "hf", "the vit-timm workload")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=CLASSES)
+    x, y = _cifar_batch(batch_size, device)
+    return Workload("vit-timm", model.to(device).eval(), x, y, nn.CrossEntropyLoss(reduction="none"))
