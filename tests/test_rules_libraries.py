@@ -32,6 +32,15 @@ class Seq(nn.Module):
         return torch.tanh(self.layer(x))
 
 
+def _served_exactly(layer: nn.Module, x: torch.Tensor, g: torch.Generator) -> None:
+    """The layer's rule (never the generic one) gives the truth for grads, norms and clipped sums."""
+    model = Seq(layer).eval()
+    y = torch.randn(model(x).shape, generator=g) * 0.5
+    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
+    with no_fallback():
+        check_all_tasks(model, _sq, x, y)
+
+
 def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.pytorch_utils import Conv1D
@@ -44,6 +53,10 @@ def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
         layer = timm.layers.LayerNorm(d)
     elif kind == "timm.Linear":
         layer = timm.layers.Linear(d, d + 2)
+    elif kind == "transformers.FalconLinear":
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+
+        layer = FalconLinear(d, d + 1)
     else:  # timm.LayerNorm2d
         layer = timm.layers.LayerNorm2d(d)
     with torch.no_grad():
@@ -53,20 +66,17 @@ def _layer(kind: str, d: int) -> tuple[nn.Module, tuple[int, ...]]:
 
 
 @given(kind=st.sampled_from(["transformers.Conv1D", "transformers.LlamaRMSNorm", "timm.LayerNorm", "timm.LayerNorm2d",
-                             "timm.Linear"]),
+                             "timm.Linear", "transformers.FalconLinear"]),
        batch=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2), d=st.integers(2, 5))
 def test_library_rules_match_truth(kind, batch, lead, d):
-    """nn.Conv1D (transformers), nn.LlamaRMSNorm, nn.LayerNorm (timm), nn.LayerNorm2d (timm), nn.Linear (timm)."""
+    """nn.Conv1D (transformers), nn.LlamaRMSNorm, nn.LayerNorm (timm), nn.LayerNorm2d (timm), nn.Linear (timm),
+    nn.MatmulLinear (transformers' FalconLinear: ``input @ weight.T + bias``)."""
     torch.manual_seed(0)
     layer, feature = _layer(kind, d)
     lead = [] if kind == "timm.LayerNorm2d" else lead
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, *lead, *feature, generator=g)
-    model = Seq(layer).eval()
-    y = torch.randn(model(x).shape, generator=g) * 0.5
-    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
-    with no_fallback():
-        check_all_tasks(model, _sq, x, y)
+    _served_exactly(layer, x, g)
 
 
 def test_a_changed_class_takes_the_generic_rule():
@@ -122,11 +132,7 @@ def test_norm_act_rules_match_truth(kind, act, batch, groups, hw):
     layer = _norm_act(kind, 4, act, groups)
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 4, *hw, generator=g)
-    model = Seq(layer).eval()
-    y = torch.randn(model(x).shape, generator=g) * 0.5
-    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
-    with no_fallback():
-        check_all_tasks(model, _sq, x, y)
+    _served_exactly(layer, x, g)
 
 
 def test_norm_act_in_training_mode_takes_no_norm_act_rule():
@@ -166,21 +172,6 @@ def test_scaled_embedding_rules_match_truth(kind, batch, t, scale, pad):
     assert DEFAULT.resolve(emb).rule is not None, DEFAULT.resolve(emb).reason
     with no_fallback():
         check_all_tasks(model, _sq, ids, torch.randn(batch, 2, generator=g))
-
-
-@given(batch=st.integers(1, 4), lead=st.lists(st.integers(1, 3), max_size=2), bias=st.booleans())
-def test_matmul_linear_rule_matches_truth(batch, lead, bias):
-    """nn.MatmulLinear: transformers' FalconLinear, ``input @ weight.T (+ bias)``."""
-    from transformers.models.falcon.modeling_falcon import FalconLinear
-
-    torch.manual_seed(0)
-    layer = FalconLinear(3, 4, bias=bias)
-    g = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, *lead, 3, generator=g)
-    model = Seq(layer).eval()
-    assert DEFAULT.resolve(layer).rule is not None, DEFAULT.resolve(layer).reason
-    with no_fallback():
-        check_all_tasks(model, _sq, x, torch.randn(model(x).shape, generator=g) * 0.5)
 
 
 def test_the_same_code_over_another_base_takes_the_generic_rule():

@@ -32,6 +32,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .uses import graph_edges
+
 #: modules whose view outputs the forward copies (NOTE [outputs that are views, modified in place]); weakly held
 COPY_OUTPUTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -58,18 +60,9 @@ def consumed_inside(outs: list[Any], start: int) -> set[int]:
                 nodes[key] = j
     if len(nodes) < 2:  # a single output consumed inside would feed nothing the call returns
         return found
-    seen: set[int] = set()
-    stack = [t.grad_fn for t in outs if isinstance(t, Tensor) and t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for nxt, nr in node.next_functions:
-            if nxt is None or hasattr(nxt, "variable") or nxt._sequence_nr() < start:
-                continue
-            j = nodes.get((id(nxt), nr))
-            if j is not None:
-                found.add(j)
-            stack.append(nxt)
+    roots = [t.grad_fn for t in outs if isinstance(t, Tensor) and t.grad_fn is not None]
+    for _, nxt, nr in graph_edges(roots, lambda node: node._sequence_nr() >= start):
+        j = nodes.get((id(nxt), nr))
+        if j is not None and not hasattr(nxt, "variable") and nxt._sequence_nr() >= start:
+            found.add(j)
     return found

@@ -10,7 +10,7 @@ refused with UnsupportedModelError.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -41,20 +41,28 @@ def check_parameter_uses(loss: Tensor, units: Sequence[Unit], windows: Sequence[
             )
 
 
-def _parameter_consumers(root: Any) -> Iterator[tuple[Any, Tensor]]:
-    """(node, leaf tensor) for every autograd node with an edge into a leaf's AccumulateGrad."""
+def graph_edges(roots: list[Any], follow: Callable[[Any], bool] = lambda node: True) -> Iterator[tuple[Any, Any, int]]:
+    """``(node, next node, input number)`` for every edge of the autograd graph reached from ``roots``, each node
+    visited once, walking on only into the next nodes ``follow`` admits (AccumulateGrad nodes are yielded, never
+    walked into)."""
     seen: set[int] = set()
-    stack = [root] if root is not None else []
+    stack = [r for r in roots if r is not None]
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        for nxt, _ in node.next_functions:
+        for nxt, nr in node.next_functions:
             if nxt is None:
                 continue
-            variable = getattr(nxt, "variable", None)
-            if variable is not None:
-                yield node, variable
-            elif id(nxt) not in seen:
+            yield node, nxt, nr
+            if not hasattr(nxt, "variable") and id(nxt) not in seen and follow(nxt):
                 stack.append(nxt)
+
+
+def _parameter_consumers(root: Any) -> Iterator[tuple[Any, Tensor]]:
+    """(node, leaf tensor) for every autograd node with an edge into a leaf's AccumulateGrad."""
+    for node, nxt, _ in graph_edges([root]):
+        variable = getattr(nxt, "variable", None)
+        if variable is not None:
+            yield node, variable

@@ -63,6 +63,9 @@ class Rule:
     digests: ClassVar[dict[str, str]] = {}
     #: for a rule registered by code: whose code that is, in words (the README's rules table)
     code_of: ClassVar[str] = ""
+    #: for a rule registered by code that overrides a stock layer's forward: that layer. The module must be one,
+    #: and the forward after the registered code's in its class hierarchy (what ``super().forward`` calls) its own
+    code_base: ClassVar[type[nn.Module] | None] = None
     #: whether the rule also covers the parameters of the module's children (e.g. MultiheadAttention's
     #: out_proj, whose forward is never called)
     claims_children: ClassVar[bool] = False
@@ -99,6 +102,8 @@ class Rule:
         for method, digest in self.digests.items():
             if source_digest(getattr(base, method, None)) != digest:
                 return f"the installed {qualified_name(base)}.{method} is not the one this rule was written for"
+        if self.code_base is not None and (reason := _over_base(module, self.code_base)) is not None:
+            return reason
         unknown = sorted(n for n, p in module._parameters.items() if p is not None and not self.knows(module, n))
         if unknown:  # e.g. the weight rebuilt from other parameters by a hook: not this rule's formula
             return f"{cls.__name__} owns parameters {unknown} that the rule does not know"
@@ -149,6 +154,16 @@ class Rule:
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _over_base(module: nn.Module, base: type[nn.Module]) -> str | None:
+    """None if ``module`` is a ``base`` whose forward, after the overriding one, is ``base``'s own."""
+    if not isinstance(module, base):
+        return f"{type(module).__name__} is not an nn.{base.__name__}"
+    mro = type(module).__mro__
+    owner = next(i for i, c in enumerate(mro) if "forward" in c.__dict__)
+    after = next((c for c in mro[owner + 1:] if "forward" in c.__dict__), None)
+    return None if after is base else f"its super().forward is not {base.__name__}'s"
 
 
 def _is(cls: type, reproduced: type | str) -> bool:

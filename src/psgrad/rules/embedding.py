@@ -155,14 +155,6 @@ class EmbeddingRule(Rule):
 
 
 
-def _super_forward_is(module: nn.Module, base: type) -> str | None:
-    """None if the class that defines ``module``'s forward calls, through ``super()``, ``base``'s forward."""
-    mro = type(module).__mro__
-    owner = next(i for i, c in enumerate(mro) if "forward" in c.__dict__)
-    after = next((c for c in mro[owner + 1:] if "forward" in c.__dict__), None)
-    return None if after is base else f"its super().forward is not {base.__name__}'s"
-
-
 #: transformers' scaled word embeddings: ``super().forward(ids) * self.embed_scale`` (Bart, MBart, PLBart,
 #: Blenderbot, M2M100, NLLB-MoE, ...) and ``... * self.embed_scale.to(self.weight.dtype)`` (Gemma 2 and 3), transformers 5.24
 HF_SCALED_EMBEDDING_FORWARD = "00beb8a849ad0ee7"
@@ -175,11 +167,8 @@ class HFScaledEmbeddingRule(EmbeddingRule):
 
     code_of = "transformers' scaled word embeddings (Bart, MBart, PLBart, Blenderbot, M2M100, NLLB-MoE, ...)"
     reproduces = ()  # an nn.Embedding whose forward is overridden by this code, which the digest pins down
+    code_base = nn.Embedding  # the super().forward the code calls
     digests = {"forward": HF_SCALED_EMBEDDING_FORWARD}
-
-    def applicability(self, module: nn.Module) -> str | None:
-        """The digest, and that the ``super().forward`` the code calls is nn.Embedding's."""
-        return super().applicability(module) or _super_forward_is(module, nn.Embedding)
 
     def scale(self, module: nn.Embedding) -> Tensor | float | None:
         s = module.embed_scale

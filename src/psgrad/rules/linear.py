@@ -59,9 +59,5 @@ HF_MATMUL_LINEAR_FORWARD = "7e0a094b1a3afe21"
 class HFMatmulLinearRule(LinearRule):
     code_of = "transformers' FalconLinear"
     reproduces = ()  # an nn.Linear whose forward is overridden by this code, which the digest pins down
+    code_base = nn.Linear  # the formula reads in_features and out_features
     digests = {"forward": HF_MATMUL_LINEAR_FORWARD}
-
-    def applicability(self, module: nn.Module) -> str | None:
-        if not isinstance(module, nn.Linear):  # the formula reads in_features and out_features
-            return f"{type(module).__name__} is not an nn.Linear"
-        return super().applicability(module)
