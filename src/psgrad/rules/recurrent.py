@@ -175,6 +175,9 @@ def _forms(module: nn.RNNBase, call: Call) -> Forms:
     reason = _refusal(module, call)
     if reason is not None:
         raise UnsupportedModelError(reason)
+    fused = _fused_forms(module, call)
+    if fused is not None:
+        return fused
     x, hx, _, _ = _bound(call)
     lay = 0 if module.batch_first else 1
     dirs = 2 if module.bidirectional else 1
@@ -207,6 +210,75 @@ def _forms(module: nn.RNNBase, call: Call) -> Forms:
         forms.weights[name] = [Block(0, a.detach(), b)]
         if module.bias and not name.startswith("weight_hr"):
             forms.sums[name.replace("weight", "bias", 1)] = [(0, b.sum(1))]
+    return forms
+
+
+#: the fused layer's identity input projection costs D G^2 per row against the recurrence's G H: used up to this G
+FUSED_MAX_GATES = 1024
+_FUSED = {"LSTM": torch._VF.lstm, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
+
+
+def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
+    """NOTE [the recurrence by PyTorch's own kernel]: LSTM and RNN layers without proj_size, where the gradient of
+    each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as ``u_t + w_t`` is all
+    they enter). Per layer, ``u = x W_ih^T + b_ih`` is computed here for every direction, and PyTorch's fused
+    layer runs on ``u`` itself (input weights the identity on each direction's block, input bias 0, the module's
+    own hidden weights and bias): the same recurrence, exactly (a product with 1 and sums with 0 are exact), with
+    one fused backward for ``U = dL/du`` in place of one Python step per time step. Then ``dW_ih = U^T x``,
+    ``dW_hh = U^T h_prev`` with ``h_prev`` the layer's outputs shifted by one step (the initial state first),
+    ``db = sum_t U``. None where this does not apply (GRU, proj_size, many gates)."""
+    op = _FUSED.get(module.mode)
+    hidden = module.hidden_size
+    gates = 4 * hidden if module.mode == "LSTM" else hidden
+    dirs = 2 if module.bidirectional else 1
+    if op is None or getattr(module, "proj_size", 0) > 0 or gates > FUSED_MAX_GATES:
+        return None
+    x, hx, _, _ = _bound(call)
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    layer_in = x.movedim(0 if module.batch_first else 1, 0).detach()  # [B, T, F]
+    bsz = layer_in.shape[0]
+    zeros = layer_in.new_zeros(dirs * module.num_layers, bsz, hidden)
+    h0 = zeros if h0 is None else h0.detach()
+    c0 = zeros if c0 is None else c0.detach()
+    eye = torch.eye(gates, dtype=layer_in.dtype, device=layer_in.device)
+    w_in = [torch.cat([eye if e == d else torch.zeros_like(eye) for e in range(dirs)], 1) for d in range(dirs)]
+    inputs, us, prevs, h_last, c_last = {}, {}, {}, [], []
+    with torch.enable_grad():
+        for layer in range(module.num_layers):
+            names = [f"l{layer}", f"l{layer}_reverse"][:dirs]
+            u = [F.linear(layer_in, getattr(module, f"weight_ih_{n}").detach(),
+                          getattr(module, f"bias_ih_{n}").detach() if module.bias else None) for n in names]
+            if layer == 0:
+                u = [t.detach().requires_grad_(True) for t in u]
+            params = []
+            for d, n in enumerate(names):
+                params += [w_in[d], getattr(module, f"weight_hh_{n}").detach()]
+                if module.bias:
+                    params += [eye.new_zeros(gates), getattr(module, f"bias_hh_{n}").detach()]
+            states = slice(layer * dirs, (layer + 1) * dirs)
+            hx_l = (h0[states], c0[states]) if module.mode == "LSTM" else h0[states]
+            res = op(torch.cat(u, 2) if dirs > 1 else u[0], hx_l, params, module.bias, 1, 0.0, True, dirs > 1, True)
+            out = res[0]
+            for d, n in enumerate(names):
+                o, first = out[..., d * hidden : (d + 1) * hidden].detach(), h0[layer * dirs + d].unsqueeze(1)
+                prevs[n] = torch.cat([first, o[:, :-1]], 1) if d == 0 else torch.cat([o[:, 1:], first], 1)
+                inputs[n], us[n] = layer_in.detach(), u[d]
+                h_last.append(res[1][d])
+                if module.mode == "LSTM":
+                    c_last.append(res[2][d])
+            layer_in = out
+        results = [layer_in, torch.stack(h_last, 1)] + ([torch.stack(c_last, 1)] if c_last else [])
+        live = [j for j in range(call.num_outputs) if call.has_grad(j)]
+        found = torch.autograd.grad([results[j] for j in live], list(us.values()), [call.grad(j) for j in live],
+                                    allow_unused=True)
+    forms = Forms()
+    for (n, u), g in zip(us.items(), found):
+        b = torch.zeros_like(u) if g is None else g
+        forms.weights[f"weight_ih_{n}"] = [Block(0, inputs[n], b)]
+        forms.weights[f"weight_hh_{n}"] = [Block(0, prevs[n], b)]
+        if module.bias:
+            forms.sums[f"bias_ih_{n}"] = [(0, b.sum(1))]
+            forms.sums[f"bias_hh_{n}"] = [(0, b.sum(1))]
     return forms
 
 
