@@ -215,21 +215,22 @@ def _forms(module: nn.RNNBase, call: Call) -> Forms:
 
 #: the fused layer's identity input projection costs D G^2 per row against the recurrence's G H: used up to this G
 FUSED_MAX_GATES = 1024
-_FUSED = {"LSTM": torch._VF.lstm, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
+_FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
 def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
-    """NOTE [the recurrence by PyTorch's own kernel]: LSTM and RNN layers without proj_size, where the gradient of
-    each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as ``u_t + w_t`` is all
-    they enter). Per layer, ``u = x W_ih^T + b_ih`` is computed here for every direction, and PyTorch's fused
+    """NOTE [the recurrence by PyTorch's own kernel]: LSTM, GRU and RNN layers without proj_size. In LSTM and RNN
+    the gradient of each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as
+    ``u_t + w_t`` is all they enter); in a GRU so for r and z, while ``dL/dw^n = r * dL/du^n`` (``n = tanh(u^n +
+    r * w^n)``), with r recomputed from ``h_prev`` in one product for all steps. Per layer, ``u = x W_ih^T + b_ih`` is computed here for every direction, and PyTorch's fused
     layer runs on ``u`` itself (input weights the identity on each direction's block, input bias 0, the module's
     own hidden weights and bias): the same recurrence, exactly (a product with 1 and sums with 0 are exact), with
     one fused backward for ``U = dL/du`` in place of one Python step per time step. Then ``dW_ih = U^T x``,
     ``dW_hh = U^T h_prev`` with ``h_prev`` the layer's outputs shifted by one step (the initial state first),
-    ``db = sum_t U``. None where this does not apply (GRU, proj_size, many gates)."""
+    ``db = sum_t U``. None where this does not apply (proj_size, many gates)."""
     op = _FUSED.get(module.mode)
     hidden = module.hidden_size
-    gates = 4 * hidden if module.mode == "LSTM" else hidden
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1) * hidden
     dirs = 2 if module.bidirectional else 1
     if op is None or getattr(module, "proj_size", 0) > 0 or gates > FUSED_MAX_GATES:
         return None
@@ -274,11 +275,17 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
     forms = Forms()
     for (n, u), g in zip(us.items(), found):
         b = torch.zeros_like(u) if g is None else g
+        bw = b
+        if module.mode == "GRU":  # the hidden side of n enters times r
+            w = F.linear(prevs[n], getattr(module, f"weight_hh_{n}").detach(),
+                         getattr(module, f"bias_hh_{n}").detach() if module.bias else None)
+            r = torch.sigmoid(u.detach()[..., :hidden] + w[..., :hidden])
+            bw = torch.cat([b[..., : 2 * hidden], b[..., 2 * hidden :] * r], 2)
         forms.weights[f"weight_ih_{n}"] = [Block(0, inputs[n], b)]
-        forms.weights[f"weight_hh_{n}"] = [Block(0, prevs[n], b)]
+        forms.weights[f"weight_hh_{n}"] = [Block(0, prevs[n], bw)]
         if module.bias:
             forms.sums[f"bias_ih_{n}"] = [(0, b.sum(1))]
-            forms.sums[f"bias_hh_{n}"] = [(0, b.sum(1))]
+            forms.sums[f"bias_hh_{n}"] = [(0, bw.sum(1))]
     return forms
 
 
