@@ -320,3 +320,33 @@ def test_a_re_run_that_would_draw_new_dropout_masks_is_refused():
     model = nn.Sequential(OldStyle(dropout=0.5), nn.Linear(3, 2)).train()
     with pytest.raises(UnsupportedModelError, match="draws random numbers"):
         psgrad.per_sample_grads(model, _sq, torch.randn(4, 4), torch.randn(4, 2), engine="hooks")
+
+
+class OldStyleWithState(nn.Module):
+    """What torch.func cannot transform (an old-style autograd Function, ``.item()``), called twice per forward with
+    a cache it changes: the generic rule's autograd path must re-run each call with the cache as it was."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def forward(self, x, cache):
+        calls = cache.update(x)
+        scale = 2.0 if float(x.abs().max()) > 0 else 1.0
+        return x @ _Square.apply(self.w) * scale * calls
+
+
+class TwiceWithState(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = OldStyleWithState()
+
+    def forward(self, x):
+        cache = Cache()
+        return self.inner(self.inner(x, cache), cache).sum(1)
+
+
+def test_the_autograd_path_re_runs_calls_with_their_state_as_it_was():
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(0)
+    check_all_tasks(TwiceWithState().eval(), _sq, torch.randn(3, 4, generator=g), torch.randn(3, generator=g))

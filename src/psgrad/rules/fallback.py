@@ -101,7 +101,7 @@ def _looped(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     module per example with the output gradients kept on its rows. Slower than torch.func, but it runs whatever
     autograd runs."""
     grads, dims, expanded = _rows_of(call, live)
-    args, kwargs = call.args_kwargs()
+    args, kwargs = call.rebuild(call.checked_leaves())  # objects as they were at the call (NOTE [state passed to a call])
     theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     size = call.batch_size
     out = {n: torch.empty((size, *p.shape), dtype=p.dtype, device=p.device) for n, p in theta.items()}
@@ -151,7 +151,7 @@ def _masked(module: nn.Module, call: Call, params: dict[str, Tensor], live: list
     zeroed outside example i's rows, vmapped over i. Exact for any module: only example i's rows reach its gradient.
     """
     grads, dims, expanded = _rows_of(call, live)
-    args, kwargs = call.args_kwargs()
+    args, kwargs = call.rebuild(call.checked_leaves())  # objects as they were at the call (NOTE [state passed to a call])
 
     def f(theta: dict[str, Tensor]) -> list[Tensor]:
         outs, _ = tree_flatten(functional_call(module, theta, args, kwargs))
