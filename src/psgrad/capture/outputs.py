@@ -8,21 +8,21 @@ gradient would then hold the module's own use on top of the uses after it, and a
 vjp of the call with every output's gradient) counts that use twice (LongT5's relative position bias came out
 exactly twice the truth); so may a module that returns one tensor twice (DeBERTa's encoder, its last hidden state
 also among all of them: each hook gets the whole gradient). So each output that a node made during the call
-consumes, and every occurrence of a repeated output, is handed on as an alias (``view_as``): the uses after the
-call see the alias, whose gradient the hook and the edge take, and the module's own use keeps the original. Found by walking back from the outputs through the nodes made during the call (only
-for calls with two or more outputs: a single output consumed inside would feed nothing the call returns).
+consumes, and every occurrence of a repeated output, is handed on as an alias (``view_as``): the uses after the call
+see the alias, whose gradient the hook and the edge take, and the module's own use keeps the original. Found by
+walking back from the outputs through the nodes made during the call (only for calls with two or more outputs: a
+single output consumed inside would feed nothing the call returns).
 
 NOTE [outputs that are views, modified in place]
-A hook on an output keeps receiving the gradient of the value the module produced when an in-place op follows
-(NOTE [why capture output gradients with tensor hooks] in :mod:`psgrad.capture.record`), for an output with
-storage of its own. A module's output can be a view (``nn.Linear`` on a 3-d input
-returns a view of a 2-d product), and an in-place op on a view rewrites the history of its base: the gradient then
-reaches the layer through the base and never through the node the hook and the edge were taken on (Longformer's
-``q = self.query_global(h); q /= sqrt(d)`` got all-zero gradients). So the forward notes each output that is a
-view with its version counter; where one changed by the end of the forward, the module is remembered (weakly, in
-``COPY_OUTPUTS``) and the forward runs again, handing on a copy of that module's view outputs, a tensor of its own
-whose in-place ops keep the hook's node in the graph. A view modified after the forward (by the loss function) is
-refused.
+A hook on an output keeps receiving the gradient of the value the module produced when an in-place op follows (NOTE
+[why capture output gradients with tensor hooks] in :mod:`psgrad.capture.record`), for an output with storage of its
+own. A module's output can be a view (``nn.Linear`` on a 3-d input returns a view of a 2-d product), and an in-place
+op on a view rewrites the history of its base: the gradient then reaches the layer through the base and never
+through the node the hook and the edge were taken on (Longformer's ``q = self.query_global(h); q /= sqrt(d)`` got
+all-zero gradients). So the forward notes each output that is a view with its version counter; where one changed by
+the end of the forward, the module is remembered (weakly, in ``COPY_OUTPUTS``) and the forward runs again, handing
+on a copy of that module's view outputs, a tensor of its own whose in-place ops keep the hook's node in the graph. A
+view modified after the forward (by the loss function) is refused.
 """
 
 from __future__ import annotations

@@ -154,9 +154,9 @@ class EmbeddingRule(Rule):
         return {"weight": out}
 
 
-
 #: transformers' scaled word embeddings: ``super().forward(ids) * self.embed_scale`` (Bart, MBart, PLBart,
-#: Blenderbot, M2M100, NLLB-MoE, ...) and ``... * self.embed_scale.to(self.weight.dtype)`` (Gemma 2 and 3), transformers 5.24
+#: Blenderbot, M2M100, NLLB-MoE, ...) and ``... * self.embed_scale.to(self.weight.dtype)`` (Gemma 2 and 3),
+#: transformers 5.24
 HF_SCALED_EMBEDDING_FORWARD = "00beb8a849ad0ee7"
 HF_SCALED_EMBEDDING_CAST_FORWARD = "ebbac37f95d2d592"
 

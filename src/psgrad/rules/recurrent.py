@@ -219,15 +219,16 @@ _FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rn
 
 
 def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
-    """NOTE [the recurrence by PyTorch's own kernel]: LSTM, GRU and RNN layers without proj_size. In LSTM and RNN
-    the gradient of each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as
-    ``u_t + w_t`` is all they enter); in a GRU so for r and z, while ``dL/dw^n = r * dL/du^n`` (``n = tanh(u^n +
-    r * w^n)``), with r recomputed from ``h_prev`` in one product for all steps. Per layer, ``u = x W_ih^T + b_ih`` is computed here for every direction, and PyTorch's fused
-    layer runs on ``u`` itself (input weights the identity on each direction's block, input bias 0, the module's
-    own hidden weights and bias): the same recurrence, exactly (a product with 1 and sums with 0 are exact), with
-    one fused backward for ``U = dL/du`` in place of one Python step per time step. Then ``dW_ih = U^T x``,
-    ``dW_hh = U^T h_prev`` with ``h_prev`` the layer's outputs shifted by one step (the initial state first),
-    ``db = sum_t U``. None where this does not apply (proj_size, many gates)."""
+    """NOTE [the recurrence by PyTorch's own kernel]: LSTM, GRU and RNN layers without proj_size. In LSTM and RNN the
+    gradient of each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as ``u_t +
+    w_t`` is all they enter); in a GRU so for r and z, while ``dL/dw^n = r * dL/du^n`` (``n = tanh(u^n + r *
+    w^n)``), with r recomputed from ``h_prev`` in one product for all steps. Per layer, ``u = x W_ih^T + b_ih``
+    is computed here for every direction, and PyTorch's fused layer runs on ``u`` itself (input weights the
+    identity on each direction's block, input bias 0, the module's own hidden weights and bias): the same
+    recurrence, exactly (a product with 1 and sums with 0 are exact), with one fused backward for ``U = dL/du``
+    in place of one Python step per time step. Then ``dW_ih = U^T x``, ``dW_hh = U^T h_prev`` with ``h_prev`` the
+    layer's outputs shifted by one step (the initial state first), ``db = sum_t U``. None where this does not
+    apply (proj_size, many gates)."""
     op = _FUSED.get(module.mode)
     hidden = module.hidden_size
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1) * hidden
