@@ -281,18 +281,22 @@ def hf_whisper():
     return _hf(tf.WhisperForConditionalGeneration, cfg, (inputs, tokens(2, t=5)), token_ce)
 
 
+AUDIO = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+             conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+             hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+             final_dropout=0.0, mask_time_prob=0.0, num_labels=3, classifier_proj_size=8)
+
+
+def audio_batch():
+    g = _gen(0)
+    return {"input_values": torch.randn(B, 96, generator=g)}, torch.randint(0, 3, (B,), generator=g)
+
+
 @case("hf-wav2vec2", "transformers")
 @seeded
 def hf_wav2vec2():
     tf = _tf()
-    cfg = tf.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                            conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4,
-                            num_conv_pos_embedding_groups=2, hidden_dropout=0.0, attention_dropout=0.0,
-                            activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0, final_dropout=0.0,
-                            mask_time_prob=0.0, num_labels=3, classifier_proj_size=8)
-    g = _gen(0)
-    inputs = {"input_values": torch.randn(B, 96, generator=g)}
-    return _hf(tf.Wav2Vec2ForSequenceClassification, cfg, (inputs, torch.randint(0, 3, (B,), generator=g)), class_ce)
+    return _hf(tf.Wav2Vec2ForSequenceClassification, tf.Wav2Vec2Config(**AUDIO), audio_batch(), class_ce)
 
 
 VIS = dict(image_size=IMG, num_labels=CLASSES)

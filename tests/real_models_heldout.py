@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import torch
 from real_models import (
+    AUDIO,
     ENC,
     VIT,
     B,
     Case,
-    _gen,
     _hf,
     _pixels,
     _tf,
+    audio_batch,
     class_ce,
     classify_batch,
     registrar,
@@ -60,14 +61,8 @@ def hf_deberta_v2():  # the encoder returns its last hidden state twice, and use
 @seeded
 def hf_wavlm():  # gated relative position bias returned by the attention, which also uses it
     tf = _tf()
-    cfg = tf.WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4,
-                         num_conv_pos_embedding_groups=2, hidden_dropout=0.0, attention_dropout=0.0,
-                         activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0, final_dropout=0.0,
-                         mask_time_prob=0.0, num_labels=3, classifier_proj_size=8, num_buckets=8, max_bucket_distance=16)
-    g = _gen(0)
-    inputs = {"input_values": torch.randn(B, 96, generator=g)}
-    return _hf(tf.WavLMForSequenceClassification, cfg, (inputs, torch.randint(0, 3, (B,), generator=g)), class_ce)
+    return _hf(tf.WavLMForSequenceClassification, tf.WavLMConfig(**AUDIO, num_buckets=8, max_bucket_distance=16),
+               audio_batch(), class_ce)
 
 
 @case("hf-xlnet", "transformers")
