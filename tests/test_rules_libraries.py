@@ -135,7 +135,7 @@ def test_norm_act_rules_match_truth(kind, act, batch, groups, hw):
     _served_exactly(layer, x, g)
 
 
-def test_norm_act_in_training_mode_takes_no_norm_act_rule():
+def test_norm_act_with_dropout_in_training_mode_is_refused():
     """Dropout after the norm in training mode: the rule's recomputation of the activation would draw other
     masks, so the call is refused (GroupNormAct: per-sample gradients are defined, the masks are not ours)."""
     from timm.layers.norm_act import GroupNormAct
