@@ -296,7 +296,8 @@ def test_fallback_takes_calls_the_rule_refuses(make, shape):
 
 @pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((1, 2), (2, 0), (2, 1)), (3, 2, 2)])
 def test_patches_equal_unfold(stride, padding, dilation):
-    from psgrad.rules.conv import _padded_input, _patches
+    from psgrad.rules.conv import _padded_input
+    from psgrad.rules.conv_patches import patches as _patches
 
     conv = nn.Conv2d(3, 2, (3, 2), stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(2, 3, 7, 8)
@@ -326,8 +327,9 @@ def test_patch_gram_equals_gram_of_patches(conv, size, monkeypatch):
     """The position-Gram route (shifted blocks of X^T X) gives the patches' Gram U^T U, group by group, by
     whichever of its two block layouts applies (same-size outputs at stride 1, or any other)."""
     import psgrad.rules.conv_gram as conv_rules
-    from psgrad.rules.conv import _padded_input, _patches
+    from psgrad.rules.conv import _padded_input
     from psgrad.rules.conv_gram import patch_gram as _patch_gram
+    from psgrad.rules.conv_patches import patches as _patches
 
     routes = Counter()
     for name in ("_shifted_blocks", "_strided_blocks"):

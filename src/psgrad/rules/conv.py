@@ -43,6 +43,7 @@ from .base import (
 )
 from .call import Call
 from .conv_gram import ghost_without_patches
+from .conv_patches import out_size, patches, patches_any_order
 from .registry import DEFAULT
 from .sink import Sink
 
@@ -92,49 +93,35 @@ def _out_size(module: nn.Module, size: Sequence[int]) -> list[int]:
     ]
 
 
-def _patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], rows: bool = False) -> Tensor:
-    """``unfold`` (im2col) of the input: ``[B, C_in * K, T]``, rows ordered (channel, *kernel offsets) like
-    the flattened weight, columns ordered like the flattened output positions; with ``rows``, its transpose
-    ``[B, T, C_in * K]``, made in that layout by the same single copy.
-
-    Built for any number of spatial dimensions from strided views (``Tensor.unfold`` per dimension) and one
-    copy. For 2-D this equals ``F.unfold`` element for element; it is used there too because on CPU it
-    was as fast or faster than ``F.unfold`` (benchmarks/README.md), and steadier on a busy machine.
-    """
-    n = len(module.kernel_size)
-    if any(pad):
-        x = F.pad(x, [v for p in reversed(pad) for v in (p, p)])
-    bsz, c = x.shape[:2]
-    for i, (k, d, s) in enumerate(zip(module.kernel_size, module.dilation, module.stride)):
-        # windows of the dilated extent d (k - 1) + 1 every s; keep every d-th element of each window
-        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
-    if rows:  # [B, C, *S', *k] -> [B, *S', C, *k]
-        x = x.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))
-        return x.reshape(bsz, x.shape[1:1 + n].numel(), -1)
-    # [B, C, *S', *k] -> [B, C, *k, *S']
-    x = x.permute(0, 1, *range(2 + n, 2 + 2 * n), *range(2, 2 + n))
-    return x.reshape(bsz, c * x.shape[2:2 + n].numel(), -1)
-
-
-def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
-    """The patches per example and group, ``[B g, T, d]``: a transposed view of :func:`_patches`."""
-    u = _patches(module, x, pad)  # [B, C_in K, T]
+def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], any_order: bool = False) -> Tensor:
+    """The patches per example and group, ``[B g, T, d]``: with one group, rows where T is small (the GEMM reads
+    them as fast, and the streaming writer without another copy) or where ``any_order`` allows
+    (:func:`~psgrad.rules.conv_patches.patches_any_order`); else a transposed view of the ``[B, d, T]`` patches."""
+    if module.groups == 1:
+        if any_order:
+            return patches_any_order(module, x, pad)
+        if math.prod(out_size(module, tuple(x.shape[2:]), pad)) <= _stream.MAX_INNER:
+            return patches(module, x, pad, rows=True)
+    u = patches(module, x, pad)  # [B, C_in K, T]
     return u.view(x.shape[0] * module.groups, -1, u.shape[-1]).transpose(1, 2)
 
 
-def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> tuple[Tensor, Tensor]:
-    """One call (padded input, output gradient) as per-group linear forms: a ``[B g, T, d]``, b ``[B g, T, p]``."""
+def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor, any_order: bool = False
+           ) -> tuple[Tensor, Tensor]:
+    """One call (padded input, output gradient) as per-group linear forms: a ``[B g, T, d]``, b ``[B g, T, p]``;
+    with ``any_order`` the elements of a's rows in any one order (only for Gram products of a with itself)."""
     bsz, g = grad.shape[0], module.groups
     b = grad.reshape(bsz * g, module.out_channels // g, -1).transpose(1, 2)
-    return _group_patches(module, x, pad), b
+    return _group_patches(module, x, pad, any_order), b
 
 
 def _calls_forms(
-    module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]], rows: slice = slice(None)
+    module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]], rows: slice = slice(None),
+    any_order: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The forms of several calls (examples ``rows`` of each) concatenated along T, which sums the calls'
-    gradients, cross terms included: a ``[B g, T, d]``, b ``[B g, T, p]``."""
-    forms = [_forms(module, x[rows], pad, grad[rows]) for x, pad, grad in inputs]
+    gradients, cross terms included: a ``[B g, T, d]``, b ``[B g, T, p]`` (``any_order``: see :func:`_forms`)."""
+    forms = [_forms(module, x[rows], pad, grad[rows], any_order) for x, pad, grad in inputs]
     if len(forms) == 1:
         return forms[0]
     return torch.cat([f[0] for f in forms], 1), torch.cat([f[1] for f in forms], 1)
@@ -218,7 +205,7 @@ class _PatchBlock:
 
     @property
     def a(self) -> Tensor:  # [B, T, d]
-        return _patches(self.module, self._group(), self.pad, rows=True)
+        return patches(self.module, self._group(), self.pad, rows=True)
 
     def rows(self, examples: slice) -> _PatchBlock:
         return _PatchBlock(self.module, self.x[examples], self.pad, self.j, self.b[examples])
@@ -286,12 +273,7 @@ class ConvRule(Rule):
         if "weight" in dest:
             x, pad = _padded_input(module, call.arg(0))
             b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
-            if g == 1 and b.shape[2] <= _stream.MAX_INNER:
-                # few positions: the patches made as [B, T, d] rows, which the GEMM reads as fast and the
-                # streaming writer reads without another copy
-                a = _patches(module, x, pad, rows=True)
-            else:
-                a = _group_patches(module, x, pad)
+            a = _group_patches(module, x, pad)
             _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
         if "bias" in dest:
             flat = grad.reshape(bsz, module.out_channels, -1)
@@ -334,7 +316,11 @@ class ConvRule(Rule):
             elif _materializes(module, inputs):
                 sq, kept = _per_sample_in_chunks(module, inputs)
             else:
-                sq, kept = linear_form_norms(*_calls_forms(module, inputs))  # per (example, group)
+                # per (example, group); T = 1 keeps the forms for the clipped sum, in the weight's order; else
+                # the ghost norm of one call takes only Gram products of its patches, in whatever order they
+                # are made (several calls' patches meet in cross terms: one order for all)
+                free = len(inputs) == 1 and inputs[0][2][0, 0].numel() > 1
+                sq, kept = linear_form_norms(*_calls_forms(module, inputs, any_order=free))
             norms["weight"] = sq.view(bsz, g).sum(1)
             if isinstance(kept, Tensor):  # materialized: [B g, p, d] is the weight layout [B, C_out, C_in/g * K]
                 cache.per_sample = kept.view(bsz, *module.weight.shape)

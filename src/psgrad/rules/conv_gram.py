@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .._memory import alloc as _alloc
 from .base import ghost_chunks, ghost_is_cheaper, ghost_sq_norms
+from .conv_patches import channels_last_pays, out_size
 
 #: the position Gram is used while P^2 <= this x K T^2 (P unpadded): up to there it may do more multiply-adds
 #: than the patch Gram but skips the strided copy of the patches, which costs more (measured: benchmarks/README.md)
@@ -39,11 +40,9 @@ def patch_gram(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> Tensor:
     xs = x.reshape(bsz * g, x.shape[1] // g, -1)
     positions = xs.shape[2]
     gram = torch.bmm(xs.transpose(1, 2), xs, out=_alloc.scratch("gram", (bsz * g, positions, positions), x.dtype, x.device))
-    size = [(s + 2 * q - d * (k - 1) - 1) // st + 1
-            for s, q, k, d, st in zip(spatial, pad, module.kernel_size, module.dilation, module.stride)]
-    if list(spatial) == size and all(st == 1 for st in module.stride):
+    if not _strided(module, x, pad):
         return _shifted_blocks(gram, spatial, tuple(module.kernel_size), tuple(module.dilation), pad)
-    return _strided_blocks(gram, module, spatial, size, pad)
+    return _strided_blocks(gram, module, spatial, out_size(module, spatial, pad), pad)
 
 
 @functools.lru_cache(maxsize=128)
@@ -121,15 +120,38 @@ def _strided_blocks(gram: Tensor, module: nn.Module, spatial: tuple[int, ...], s
     return total.view(gram.shape[0], t, t)
 
 
+#: nanoseconds per multiply-add of the small batched products, per element of a strided block add, and per element
+#: of channels-last patches (the 2-core CPU; benchmarks/README.md): the block adds of :func:`_strided_blocks` run
+#: along rows as short as the output, and cost about as much as a few dozen multiply-adds each
+_MAC_NS, _STRIDED_ADD_NS, _PATCH_NS = 0.1, 2.7, 1.0
+
+
+def _strided(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> bool:
+    """Whether :func:`patch_gram` takes the strided blocks (outputs not of the input's size at stride 1)."""
+    spatial = tuple(x.shape[2:])
+    return not (list(spatial) == out_size(module, spatial, pad) and all(st == 1 for st in module.stride))
+
+
+def _patches_cheaper(positions: int, t: int, k: int, c: int) -> bool:
+    """Whether the Gram of channels-last patches (their copy, then ``T^2 K C`` multiply-adds) costs less than the
+    position Gram (``P^2 C`` multiply-adds, then ``K T^2`` strided block adds), per example and group."""
+    position = positions * positions * c * _MAC_NS + k * t * t * _STRIDED_ADD_NS
+    patched = k * c * t * _PATCH_NS + t * t * k * c * _MAC_NS
+    return patched < position
+
+
 def ghost_without_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> Tensor | None:
     """Per (example, group) squared weight-gradient norms by the ghost norm with :func:`patch_gram`, where
-    the ghost norm is the cheaper way and the position Gram beats the patch Gram; else None."""
+    the ghost norm is the cheaper way and the position Gram beats the patch Gram (made from the input's views,
+    or where strided blocks are needed, from a channels-last copy: NOTE [making the patches]); else None."""
     bsz, g = grad.shape[0], module.groups
     t = grad[0, 0].numel()
     k = math.prod(module.kernel_size)
     p, d = module.out_channels // g, module.in_channels // g * k
     positions = math.prod(x.shape[2:])
     if t == 1 or not ghost_is_cheaper(t, p, d) or positions * positions > _POSITION_GRAM_MAX * k * t * t:
+        return None
+    if _strided(module, x, pad) and channels_last_pays(module, x, pad) and _patches_cheaper(positions, t, k, d // k):
         return None
     out = torch.empty(bsz * g, dtype=grad.dtype, device=grad.device)
     for rows in ghost_chunks(bsz, g * max(positions, t) ** 2 * grad.element_size()):
