@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModelError
 from .call import Call
 from .forms import Block, Forms, LinearFormRule
+from .recurrent_lstm import lstm_forms
 from .registry import DEFAULT
 
 _SIGNATURES = {cls: inspect.signature(cls.forward) for cls in (nn.RNN, nn.LSTM, nn.GRU)}
@@ -218,6 +219,12 @@ FUSED_MAX_GATES = 1024
 _FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
+def _written_out(module: nn.RNNBase, x: Tensor) -> bool:
+    """Whether the layer's gate gradients come from its backward written out (NOTE [the LSTM's backward written
+    out] in :mod:`psgrad.rules.recurrent_lstm`): an LSTM on the CPU."""
+    return module.mode == "LSTM" and x.device.type == "cpu"
+
+
 def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
     """NOTE [the recurrence by PyTorch's own kernel]: LSTM, GRU and RNN layers without proj_size. In LSTM and RNN the
     gradient of each gate pre-activation is also that of the hidden side's (``dL/du_t = dL/dw_t``, as ``u_t +
@@ -228,16 +235,21 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
     recurrence, exactly (a product with 1 and sums with 0 are exact), with one fused backward for ``U = dL/du``
     in place of one Python step per time step. Then ``dW_ih = U^T x``, ``dW_hh = U^T h_prev`` with ``h_prev`` the
     layer's outputs shifted by one step (the initial state first), ``db = sum_t U``. None where this does not
-    apply (proj_size, many gates)."""
+    apply (proj_size, many gates). An LSTM on the CPU takes its backward written out instead (NOTE [the LSTM's backward
+    written out] in :mod:`psgrad.rules.recurrent_lstm`)."""
     op = _FUSED.get(module.mode)
     hidden = module.hidden_size
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1) * hidden
     dirs = 2 if module.bidirectional else 1
-    if op is None or getattr(module, "proj_size", 0) > 0 or gates > FUSED_MAX_GATES:
+    if op is None or getattr(module, "proj_size", 0) > 0:
         return None
     x, hx, _, _ = _bound(call)
-    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
     layer_in = x.movedim(0 if module.batch_first else 1, 0).detach()  # [B, T, F]
+    if _written_out(module, layer_in):
+        return lstm_forms(module, call, layer_in, hx)  # type: ignore[arg-type]
+    if gates > FUSED_MAX_GATES:
+        return None
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
     bsz = layer_in.shape[0]
     zeros = layer_in.new_zeros(dirs * module.num_layers, bsz, hidden)
     h0 = zeros if h0 is None else h0.detach()

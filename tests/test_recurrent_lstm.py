@@ -1,0 +1,51 @@
+"""The LSTM's backward written out (NOTE [the LSTM's backward written out] in psgrad.rules.recurrent_lstm): exact
+against the float64 loop for every layout, initial state and output the loss reads, and taken on the CPU."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from unittest import mock
+
+import pytest
+import torch
+from helpers import check_all_tasks, no_fallback
+from test_rules_recurrent import _build, _own
+
+import psgrad
+import psgrad.rules.recurrent as recurrent
+
+CASES = [
+    {"kind": "lstm", "batch": 3, "steps": 4, "features": 3, "hidden": 4, "layers": layers, "bidirectional": bidi,
+     "bias": (k % 2 == 0), "batch_first": (k % 3 != 0), "initial": initial, "use": use, "training": False, "seed": k}
+    for k, (layers, bidi, initial, use) in enumerate(itertools.product(
+        (1, 2), (False, True), (False, True), ("output", "output+h_n+c_n", "output+c_n")))
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "{layers}l-{bd}-{init}-{use}".format(
+    layers=c["layers"], bd="bi" if c["bidirectional"] else "uni", init="h0" if c["initial"] else "zero",
+    use=c["use"]))
+def test_lstm_backward_written_out_matches_truth(case):
+    taken = Counter()
+    original = recurrent.lstm_forms
+    model, inputs = _build(case)
+    with no_fallback(), mock.patch.object(recurrent, "lstm_forms",
+                                          lambda *a: taken.update(["written out"]) or original(*a)):
+        check_all_tasks(model, _own, inputs)
+    assert taken["written out"] > 0
+
+
+def test_equal_to_the_fused_layer_in_float64():
+    """Per-sample gradients in float64 by the backward written out and by the fused layer run on u with identity
+    input weights (the route off the CPU), on a two-layer bidirectional LSTM with initial states and every output
+    read: equal to float64 rounding."""
+    case = dict(CASES[-1], batch=4, steps=6, features=5, hidden=3, layers=2, bidirectional=True, bias=True,
+                initial=True, use="output+h_n+c_n")
+    model, inputs = _build(case)
+    model, inputs = model.double(), tuple(t.double() for t in inputs)
+    written = psgrad.per_sample_grads(model, _own, inputs, engine="hooks")
+    with mock.patch.object(recurrent, "_written_out", lambda *a: False):
+        fused = psgrad.per_sample_grads(model, _own, inputs, engine="hooks")
+    for name, value in written.items():
+        torch.testing.assert_close(value, fused[name], rtol=1e-12, atol=1e-12 * fused[name].abs().max().item())
