@@ -31,6 +31,7 @@ from helpers import (
     fingerprint,
     tolerance,
     truth,
+    truth_clipped_scale,
     truth_clipped_sum,
     truth_norms,
 )
@@ -180,8 +181,7 @@ def test_hooks_clipped_sum(case_id):
     norms = truth_norms(grads)
     bound = 0.5 * norms.median().item()
     want = truth_clipped_sum(grads, bound)
-    factors = torch.where(norms > 0, (bound / norms).clamp(max=1.0), torch.ones_like(norms))
-    scale = {n: float((factors * g.reshape(len(g), -1).norm(dim=1)).sum()) for n, g in grads.items()}  # sum_i c_i ||g_i||
+    scale = truth_clipped_scale(grads, bound)
     before = fingerprint(model)
     got = psgrad.clipped_grad_sum(model, loss_fn, inputs, targets, bound, engine="hooks")
     assert fingerprint(model) == before, "hooks changed the model"

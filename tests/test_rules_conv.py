@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import assert_close_to_truth, truth, truth_clipped_sum
+from helpers import assert_close_to_truth, truth, truth_clipped_scale, truth_clipped_sum
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
@@ -78,9 +78,9 @@ def expected_norms(grads):
     return {n: g.flatten(1).norm(dim=1) for n, g in grads.items()}
 
 
-def assert_near(result, expected, label):
-    """Norm-relative agreement within the float32 tolerance of psgrad.verify."""
-    bad = [p for p in compare(result, expected, torch.float32) if not p.ok]
+def assert_near(result, expected, label, scale=None):
+    """Norm-relative agreement within the float32 tolerance of psgrad.verify (relative to ``scale`` where given)."""
+    bad = [p for p in compare(result, expected, torch.float32, scale) if not p.ok]
     assert not bad, f"{label}: " + "; ".join(f"{p.name} rel err {p.rel_err:.2e} > {TOL:.1e}" for p in bad)
 
 
@@ -103,7 +103,7 @@ def check_all(model, x, target, params=None, expect_rule=True):
     clipped = psgrad.clipped_grad_sum(
         model, squared_loss, x, target, max_norm, engine="hooks", params=params, registry=reg
     )
-    assert_near(clipped, truth_clipped_sum(expected, max_norm), "clipped sum")
+    assert_near(clipped, truth_clipped_sum(expected, max_norm), "clipped sum", truth_clipped_scale(expected, max_norm))
 
     if expect_rule:
         assert spy.used["refused"] == 0
