@@ -43,6 +43,7 @@ from .base import (
 )
 from .call import Call
 from .conv_gram import ghost_without_patches
+from .conv_grouped import grouped_pays, grouped_weight_grads
 from .conv_patches import out_size, patches, patches_any_order
 from .registry import DEFAULT
 from .sink import Sink
@@ -272,9 +273,12 @@ class ConvRule(Rule):
         grad = call.grad(0)
         if "weight" in dest:
             x, pad = _padded_input(module, call.arg(0))
-            b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
-            a = _group_patches(module, x, pad)
-            _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
+            if grouped_pays(module, grad):  # NOTE [per-sample weight gradients as a grouped convolution]
+                put(dest["weight"], grouped_weight_grads(module, x, pad, grad), accumulate)
+            else:
+                b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
+                a = _group_patches(module, x, pad)
+                _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
         if "bias" in dest:
             flat = grad.reshape(bsz, module.out_channels, -1)
             if accumulate:
