@@ -143,12 +143,19 @@ _CHUNK_BYTES = 4 * 1024 * 1024
 def _per_sample_in_chunks(
     module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]]
 ) -> tuple[Tensor, Tensor]:
-    """Per-(example, group) squared norms ``[B g]`` and weight gradients ``[B g, p, d]`` summed over calls, built
-    from the patches of a few examples at a time: the same products as one batched product, with transients of
+    """Per-(example, group) squared norms ``[B g]`` and weight gradients ``[B g, p, d]`` summed over calls: by the
+    grouped weight-gradient where it pays, else from the patches of a few examples at a time: the same products as one batched product, with transients of
     ``_CHUNK_BYTES`` instead of all the patches (which, freed, cost page faults when memory is next grown)."""
     x0, _, grad0 = inputs[0]
     bsz, g = grad0.shape[0], module.groups
     p, d = module.out_channels // g, module.in_channels // g * math.prod(module.kernel_size)
+    if all(grouped_pays(module, grad) for _, _, grad in inputs):  # NOTE [per-sample weight gradients as a ...]
+        total = None
+        for x, pad, grad in inputs:
+            w = grouped_weight_grads(module, x, pad, grad).view(bsz * g, p, d)
+            total = w if total is None else total.add_(w)
+        assert total is not None
+        return sq_norms(total), total
     per_example = sum(grad[0, 0].numel() for _, _, grad in inputs) * d * g * x0.element_size()
     step = max(1, min(bsz, _CHUNK_BYTES // max(1, per_example))) if x0.device.type == "cpu" else bsz
     out = _alloc.scratch("per-sample conv", (bsz * g, p, d), grad0.dtype, grad0.device)  # read by the clipped sum
