@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModelError
 from .call import Call
 from .forms import Block, Forms, LinearFormRule
-from .recurrent_lstm import lstm_forms
+from .recurrent_written import FUSED_LAYERS, written_forms
 from .registry import DEFAULT
 
 _SIGNATURES = {cls: inspect.signature(cls.forward) for cls in (nn.RNN, nn.LSTM, nn.GRU)}
@@ -216,13 +216,13 @@ def _forms(module: nn.RNNBase, call: Call) -> Forms:
 
 #: the fused layer's identity input projection costs D G^2 per row against the recurrence's G H: used up to this G
 FUSED_MAX_GATES = 1024
-_FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
 def _written_out(module: nn.RNNBase, x: Tensor) -> bool:
-    """Whether the layer's gate gradients come from its backward written out (NOTE [the LSTM's backward written
-    out] in :mod:`psgrad.rules.recurrent_lstm`): an LSTM on the CPU."""
-    return module.mode == "LSTM" and x.device.type == "cpu"
+    """Whether the layer's gate gradients come from its backward written out (NOTE [recurrent backward written out]
+    in :mod:`psgrad.rules.recurrent_written`): on the CPU, for LSTM and GRU layers, and for RNN layers too wide for
+    the fused route (whose identity is only ``[H, H]`` for an RNN, cheaper there than a Python step; benchmarks/README.md)."""
+    return x.device.type == "cpu" and (module.mode in ("LSTM", "GRU") or module.hidden_size > FUSED_MAX_GATES)
 
 
 def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
@@ -235,9 +235,9 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
     recurrence, exactly (a product with 1 and sums with 0 are exact), with one fused backward for ``U = dL/du``
     in place of one Python step per time step. Then ``dW_ih = U^T x``, ``dW_hh = U^T h_prev`` with ``h_prev`` the
     layer's outputs shifted by one step (the initial state first), ``db = sum_t U``. None where this does not
-    apply (proj_size, many gates). An LSTM on the CPU takes its backward written out instead (NOTE [the LSTM's backward
-    written out] in :mod:`psgrad.rules.recurrent_lstm`)."""
-    op = _FUSED.get(module.mode)
+    apply (proj_size, many gates). On the CPU the layer takes its backward written out instead (NOTE [recurrent backward
+    written out] in :mod:`psgrad.rules.recurrent_written`)."""
+    op = FUSED_LAYERS.get(module.mode)
     hidden = module.hidden_size
     gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1) * hidden
     dirs = 2 if module.bidirectional else 1
@@ -246,7 +246,7 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
     x, hx, _, _ = _bound(call)
     layer_in = x.movedim(0 if module.batch_first else 1, 0).detach()  # [B, T, F]
     if _written_out(module, layer_in):
-        return lstm_forms(module, call, layer_in, hx)  # type: ignore[arg-type]
+        return written_forms(module, call, layer_in, hx)
     if gates > FUSED_MAX_GATES:
         return None
     h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
