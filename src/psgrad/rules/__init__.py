@@ -14,7 +14,8 @@ from .fallback import FALLBACK, FallbackRule
 from .registry import DEFAULT, Registry, Resolution
 
 #: the modules of this package that hold the contract and shared code, not rules
-INFRASTRUCTURE = frozenset({"base", "call", "registry", "fallback", "forms", "conv_gram", "bare", "sink", "precision"})
+INFRASTRUCTURE = frozenset({"base", "call", "registry", "fallback", "forms", "conv_gram", "conv_grouped", "conv_patches",
+                            "recurrent_written", "bare", "sink", "precision"})
 
 #: the modules whose import registers the built-in rules
 RULE_MODULES = tuple(
