@@ -345,3 +345,33 @@ def test_transformer_encoder_stack_with_padding_mask():
     model = Encoder(True, stack=True, mask="padding").eval()
     inputs, y = _encoder_inputs()
     check_all_tasks(model, CE, inputs, y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_takes_one_block_for_the_packed_weight(bias):
+    """Query, key and value one tensor: in_proj_weight is one block (the input's Gram matrix once); a call of the
+    same layer on other key and value keeps three; both exact, also together in one step."""
+    import psgrad.rules.attention as attention
+
+    blocks = []
+    original = attention._forms
+
+    def spy(module, call):
+        forms = original(module, call)
+        blocks.append(len(forms.weights["in_proj_weight"]))
+        return forms
+
+    class SelfThenCross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, bias=bias)
+
+        def forward(self, x, y):
+            h = self.mha(x, x, x, need_weights=False)[0]
+            return (h + self.mha(h, y, y, need_weights=False)[0]).pow(2).sum((1, 2))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    with no_fallback(), mock.patch.object(attention, "_forms", spy):
+        check_all_tasks(SelfThenCross().eval(), _own, (x, y))
+    assert set(blocks) == {1, 3}  # every task saw both calls: the self-attention one as one block

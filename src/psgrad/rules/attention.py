@@ -73,6 +73,12 @@ def _merge_heads(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are views of the same elements, laid out alike."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a.device == b.device)
+
+
 def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
     """Recompute the layer for the whole batch and differentiate it by hand.
 
@@ -98,6 +104,9 @@ def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
     lay = 0 if module.batch_first else 1
     xq, xk, xv = (bound[n].movedim(lay, 0) for n in ("query", "key", "value"))
     tgt, src = xq.shape[1], xk.shape[1]
+    # self-attention (one input for query, key and value, packed weights): one product for q, k and v, and one
+    # block for all three rows of in_proj_weight, so that their ghost norm takes the input's Gram matrix once
+    packed = module._qkv_same_embed_dim and _same(xq, xk) and _same(xk, xv)
     if module._qkv_same_embed_dim:
         wq, wk, wv = module.in_proj_weight.detach().chunk(3)
     else:
@@ -108,7 +117,11 @@ def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
     wo = module.out_proj.weight.detach()
     scale = 1.0 / math.sqrt(module.head_dim)
     with torch.no_grad():
-        q, k, v = F.linear(xq, wq, bq), F.linear(xk, wk, bk), F.linear(xv, wv, bv)
+        if packed:
+            bias = None if module.in_proj_bias is None else module.in_proj_bias.detach()
+            q, k, v = F.linear(xq, module.in_proj_weight.detach(), bias).chunk(3, -1)
+        else:
+            q, k, v = F.linear(xq, wq, bq), F.linear(xk, wk, bk), F.linear(xv, wv, bv)
         if module.bias_k is not None:
             k = torch.cat([k, module.bias_k.detach().expand(bsz, 1, embed)], 1)
             v = torch.cat([v, module.bias_v.detach().expand(bsz, 1, embed)], 1)
@@ -140,7 +153,9 @@ def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
         out.extra["bias_k"] = dk[:, src].view(bsz, 1, 1, embed)
         out.extra["bias_v"] = dv[:, src].view(bsz, 1, 1, embed)
         dk, dv = dk[:, :src], dv[:, :src]
-    if module._qkv_same_embed_dim:
+    if packed:
+        out.weights["in_proj_weight"] = [Block(0, xq, torch.cat([dq, dk, dv], 2))]
+    elif module._qkv_same_embed_dim:
         out.weights["in_proj_weight"] = [Block(0, xq, dq), Block(embed, xk, dk), Block(2 * embed, xv, dv)]
     else:
         out.weights["q_proj_weight"] = [Block(0, xq, dq)]

@@ -77,17 +77,37 @@ class Forms:
             return parts[0]
         first = parts[0]
         out = Forms()
-        for name, blocks in first.weights.items():
+        for name in first.weights:
+            per_part = _aligned([p.weights[name] for p in parts])
             out.weights[name] = [
-                Block(blk.offset, torch.cat([p.weights[name][j].a for p in parts], 1),
-                      torch.cat([p.weights[name][j].b for p in parts], 1))
-                for j, blk in enumerate(blocks)
+                Block(blk.offset, torch.cat([p[j].a for p in per_part], 1), torch.cat([p[j].b for p in per_part], 1))
+                for j, blk in enumerate(per_part[0])
             ]
         for name, sums in first.sums.items():
             out.sums[name] = [(off, sum(p.sums[name][j][1] for p in parts)) for j, (off, _) in enumerate(sums)]
         for name in first.extra:
             out.extra[name] = sum(p.extra[name] for p in parts)
         return out
+
+
+def _aligned(parts: Sequence[list[Block]]) -> list[list[Block]]:
+    """The blocks of several calls of one weight cut at the same rows: where calls cut the rows differently (one
+    block for rows another call splits in two), every block is cut at every call's boundaries, a block's part
+    being the same ``a`` with the part's columns of ``b``."""
+    layouts = [[(blk.offset, blk.p) for blk in blocks] for blocks in parts]
+    if all(layout == layouts[0] for layout in layouts):
+        return list(parts)
+    cuts = sorted({edge for layout in layouts for off, p in layout for edge in (off, off + p)})
+    out = []
+    for blocks in parts:
+        pieces = []
+        for blk in blocks:
+            edges = [blk.offset, *[c for c in cuts if blk.offset < c < blk.offset + blk.p], blk.offset + blk.p]
+            pieces += [Block(lo, blk.a, blk.b[..., lo - blk.offset : hi - blk.offset]) for lo, hi in zip(edges, edges[1:])]
+        out.append(pieces)
+    if any([(blk.offset, blk.p) for blk in pieces] != [(blk.offset, blk.p) for blk in out[0]] for pieces in out):
+        raise ValueError("Forms.concat: the calls' blocks cover different rows of a weight")
+    return out
 
 
 @dataclass
