@@ -172,3 +172,28 @@ def test_the_bench_truth_for_clipped_sums_stands_in_the_same_way():
     for n, g in mixed.items():
         torch.testing.assert_close(sums[n], torch.tensordot(c, g, dims=([0], [0])), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(low["inner.weight"][0].double(), exact["inner.weight"][0])  # it did depart
+
+
+def test_the_clipped_truth_takes_float32_gradients_from_one_batched_forward():
+    """NOTE [float32 departures]: a batch of one may round a convolution otherwise than the batch the engines
+    differentiate, so the float32 side of the clipped-sum truth is one batched forward (each loss differentiated
+    alone); the float64 side stays one example at a time."""
+    from psgrad.verify import clipped_truth
+
+    seen = []
+
+    class Recorded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _Kink()
+
+        def forward(self, x):
+            seen.append((x.dtype, x.shape[0]))
+            return self.body(x)
+
+    model, x, y = _kink_batch()
+    wrapped = Recorded()
+    wrapped.body.load_state_dict(model.state_dict())
+    _, _, note = clipped_truth(wrapped, _squared, x, y, 0.5)
+    assert seen.count((torch.float32, 16)) == 1 and seen.count((torch.float64, 1)) == 16 and len(seen) == 17
+    assert note.startswith("1 of 16 examples depart")

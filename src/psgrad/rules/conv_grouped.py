@@ -27,9 +27,10 @@ GROUPED_MIN_CHANNELS = 16
 
 
 def grouped_pays(module: nn.Module, grad: Tensor) -> bool:
-    """Whether the per-sample weight gradients of this call are made by :func:`grouped_weight_grads`: on the CPU,
-    a kernel of several offsets, many output positions and many input channels per group."""
-    return (grad.device.type == "cpu" and math.prod(module.kernel_size) > 1
+    """Whether the per-sample weight gradients of this call are made by :func:`grouped_weight_grads`: on the CPU in
+    float32 (where it was measured; other dtypes take other kernels), a kernel of several offsets, many output
+    positions and many input channels per group."""
+    return (grad.device.type == "cpu" and grad.dtype == torch.float32 and math.prod(module.kernel_size) > 1
             and math.prod(grad.shape[2:]) >= GROUPED_MIN_POSITIONS
             and module.in_channels // module.groups >= GROUPED_MIN_CHANNELS)
 
