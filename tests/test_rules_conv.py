@@ -169,6 +169,11 @@ def cases(draw) -> Case:
 @example(Case(3, 1, 1, 2, (2, 1, 2), (1, 1, 1), (1, 1, 1), "same", "zeros", False, 2, (3, 3, 4), False, "all"))
 @example(Case(2, 1, 1, 2, (1, 1), (1, 1), (1, 1), "valid", "zeros", True, 1, (3, 3), False, "bias"))
 def test_conv_rule_matches_truth(case: Case):
+    check_case(case)
+
+
+def check_case(case: Case) -> None:
+    """The property test's body: the case's conv (once or twice) against the truth, every task."""
     torch.manual_seed(0)
     conv = case.conv()
     x = torch.randn(case.batch, conv.in_channels, *case.size)
