@@ -62,8 +62,8 @@ def test_channels_last_rows_equal_the_views(conv, size):
 
 
 def test_which_layers_take_the_channels_last_copy():
-    """Many channels and a small kernel: the copy; few channels, one offset, or a window that is the whole padded
-    input: the views."""
+    """Many channels and a small kernel on the CPU: the copy; few channels, one offset, a window that is the whole
+    padded input, or another device: the views."""
     def pays(conv, size):
         x, pad = _padded_input(conv, torch.zeros(1, conv.in_channels, *size))
         return conv_patches.channels_last_pays(conv, x, pad)
@@ -74,6 +74,8 @@ def test_which_layers_take_the_channels_last_copy():
     assert not pays(nn.Conv2d(64, 64, 1), (8, 8))
     assert not pays(nn.Conv2d(512, 512, 3, padding=1), (1, 1))
     assert not pays(nn.Conv2d(64, 64, 3, padding=1, groups=2), (4, 4))
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    assert not conv_patches.channels_last_pays(conv, torch.zeros(1, 64, 6, 6, device="meta"), (1, 1))  # off the CPU
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")

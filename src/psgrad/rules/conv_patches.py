@@ -8,9 +8,10 @@ copy is set by how long the runs of consecutive elements it moves are, not by ho
   kernel covers it (a 3x3 kernel on a 1x1 input padded to 3x3);
 - from a channels-last copy of the input, one copy per kernel offset moves runs of the ``C_in`` channels at each
   output position, at the price of that first copy of the input.
-With many channels and a small kernel the second is several times faster (measured: benchmarks/README.md), so
-rows use it where the channels are at least ``_MIN_CHANNELS`` and the kernel is more than one offset that does
-not cover the whole padded input; otherwise the views. Both give the same tensor
+With many channels and a small kernel the second is several times faster on the CPU (measured:
+benchmarks/README.md), so rows use it there where the channels are at least ``_MIN_CHANNELS`` and the kernel is
+more than one offset that does not cover the whole padded input; otherwise the views. Off the CPU the views stay:
+there the time goes to launching kernels, and the copy per offset takes one launch each where the views take one. Both give the same tensor
 element for element. :func:`patches_any_order` skips the ordering: it orders each patch by (kernel offset,
 channel), which writes contiguous runs, for uses that only take products of patches with patches (their Gram
 matrix), where the order of a patch's elements does not matter.
@@ -41,7 +42,8 @@ def channels_last_pays(module: nn.Module, x: Tensor, pad: tuple[int, ...]) -> bo
     extents = [d * (k - 1) + 1 for k, d in zip(module.kernel_size, module.dilation)]
     padded = [s + 2 * q for s, q in zip(x.shape[2:], pad)]
     whole = extents == padded and all(d == 1 for d in module.dilation)
-    return kernel > 1 and not whole and x.shape[1] // module.groups >= _MIN_CHANNELS and module.groups == 1
+    return (x.device.type == "cpu" and kernel > 1 and not whole and x.shape[1] // module.groups >= _MIN_CHANNELS
+            and module.groups == 1)
 
 
 def patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], rows: bool = False) -> Tensor:
