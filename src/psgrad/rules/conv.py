@@ -44,7 +44,7 @@ from .base import (
 from .call import Call
 from .conv_gram import ghost_without_patches
 from .conv_grouped import grouped_pays, grouped_weight_grads
-from .conv_patches import out_size, patches, patches_any_order
+from .conv_patches import patches, patches_any_order
 from .registry import DEFAULT
 from .sink import Sink
 
@@ -94,14 +94,15 @@ def _out_size(module: nn.Module, size: Sequence[int]) -> list[int]:
     ]
 
 
-def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], any_order: bool = False) -> Tensor:
-    """The patches per example and group, ``[B g, T, d]``: with one group, rows where T is small (the GEMM reads
-    them as fast, and the streaming writer without another copy) or where ``any_order`` allows
-    (:func:`~psgrad.rules.conv_patches.patches_any_order`); else a transposed view of the ``[B, d, T]`` patches."""
+def _group_patches(module: nn.Module, x: Tensor, pad: tuple[int, ...], t: int, any_order: bool = False) -> Tensor:
+    """The patches per example and group, ``[B g, T, d]`` (``t``: T, the output positions): with one group, rows
+    where T is small (the GEMM reads them as fast, and the streaming writer without another copy) or where
+    ``any_order`` allows (:func:`~psgrad.rules.conv_patches.patches_any_order`); else a transposed view of the
+    ``[B, d, T]`` patches."""
     if module.groups == 1:
         if any_order:
             return patches_any_order(module, x, pad)
-        if math.prod(out_size(module, tuple(x.shape[2:]), pad)) <= _stream.MAX_INNER:
+        if t <= _stream.MAX_INNER:
             return patches(module, x, pad, rows=True)
     u = patches(module, x, pad)  # [B, C_in K, T]
     return u.view(x.shape[0] * module.groups, -1, u.shape[-1]).transpose(1, 2)
@@ -113,7 +114,7 @@ def _forms(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor, any
     with ``any_order`` the elements of a's rows in any one order (only for Gram products of a with itself)."""
     bsz, g = grad.shape[0], module.groups
     b = grad.reshape(bsz * g, module.out_channels // g, -1).transpose(1, 2)
-    return _group_patches(module, x, pad, any_order), b
+    return _group_patches(module, x, pad, b.shape[1], any_order), b
 
 
 def _calls_forms(
@@ -144,8 +145,9 @@ def _per_sample_in_chunks(
     module: nn.Module, inputs: Sequence[tuple[Tensor, tuple[int, ...], Tensor]]
 ) -> tuple[Tensor, Tensor]:
     """Per-(example, group) squared norms ``[B g]`` and weight gradients ``[B g, p, d]`` summed over calls: by the
-    grouped weight-gradient where it pays, else from the patches of a few examples at a time: the same products as one batched product, with transients of
-    ``_CHUNK_BYTES`` instead of all the patches (which, freed, cost page faults when memory is next grown)."""
+    grouped weight-gradient where it pays, else from the patches of a few examples at a time: the same products as
+    one batched product, with transients of ``_CHUNK_BYTES`` instead of all the patches (which, freed, cost page
+    faults when memory is next grown)."""
     x0, _, grad0 = inputs[0]
     bsz, g = grad0.shape[0], module.groups
     p, d = module.out_channels // g, module.in_channels // g * math.prod(module.kernel_size)
@@ -284,7 +286,7 @@ class ConvRule(Rule):
                 put(dest["weight"], grouped_weight_grads(module, x, pad, grad), accumulate)
             else:
                 b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
-                a = _group_patches(module, x, pad)
+                a = _group_patches(module, x, pad, b.shape[2])
                 _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
         if "bias" in dest:
             flat = grad.reshape(bsz, module.out_channels, -1)

@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModelError
 from .call import Call
 from .forms import Block, Forms, LinearFormRule
-from .recurrent_written import FUSED_LAYERS, written_forms
+from .recurrent_written import FUSED_LAYERS, initial_states, written_forms
 from .registry import DEFAULT
 
 _SIGNATURES = {cls: inspect.signature(cls.forward) for cls in (nn.RNN, nn.LSTM, nn.GRU)}
@@ -249,11 +249,7 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
         return written_forms(module, call, layer_in, hx)
     if gates > FUSED_MAX_GATES:
         return None
-    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
-    bsz = layer_in.shape[0]
-    zeros = layer_in.new_zeros(dirs * module.num_layers, bsz, hidden)
-    h0 = zeros if h0 is None else h0.detach()
-    c0 = zeros if c0 is None else c0.detach()
+    h0, c0 = initial_states(module, layer_in, hx)
     eye = torch.eye(gates, dtype=layer_in.dtype, device=layer_in.device)
     w_in = [torch.cat([eye if e == d else torch.zeros_like(eye) for e in range(dirs)], 1) for d in range(dirs)]
     inputs, us, prevs, h_last, c_last = {}, {}, {}, [], []
@@ -297,8 +293,9 @@ def _fused_forms(module: nn.RNNBase, call: Call) -> Forms | None:
         forms.weights[f"weight_ih_{n}"] = [Block(0, inputs[n], b)]
         forms.weights[f"weight_hh_{n}"] = [Block(0, prevs[n], bw)]
         if module.bias:
-            forms.sums[f"bias_ih_{n}"] = [(0, b.sum(1))]
-            forms.sums[f"bias_hh_{n}"] = [(0, bw.sum(1))]
+            s = b.sum(1)
+            forms.sums[f"bias_ih_{n}"] = [(0, s)]
+            forms.sums[f"bias_hh_{n}"] = [(0, s if bw is b else bw.sum(1))]
     return forms
 
 

@@ -72,8 +72,9 @@ def _lstm_forward(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], bias
 
 def _lstm_backward(w_hh: Tensor, coef: Tensor, grad_out: Tensor | None, grad_h: Tensor | None,
                    grad_c: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(U, W)``, both ``[B, T, 4H]`` (the same tensor), of one direction from the coefficients of :func:`_forward` and the gradients of its outputs
-    ``[B, T, H]``, last ``h`` and last ``c`` (any of them None: zero)."""
+    """``(U, W)``, both ``[B, T, 4H]`` (the same tensor), of one direction from the coefficients of
+    :func:`_lstm_forward` and the gradients of its outputs ``[B, T, H]``, last ``h`` and last ``c`` (any of them
+    None: zero)."""
     steps, bsz, _, hidden = coef.shape
     u = torch.empty(steps, bsz, 4, hidden, dtype=coef.dtype, device=coef.device)  # time first, as coef
     zero = coef.new_zeros(bsz, hidden)
@@ -139,15 +140,19 @@ def _gated_backward(w_hh: Tensor, coef: Tensor, grad_out: Tensor | None, grad_h:
             uw[:, :, gates:].reshape(bsz, steps, gates * hidden))
 
 
+def initial_states(module: nn.RNNBase, x: Tensor, hx: Any) -> tuple[Tensor, Tensor]:
+    """The call's initial ``(h0, c0)`` ``[layers dirs, B, H]`` (zeros where not given; ``c0`` read by LSTMs only),
+    detached, for ``x [B, T, D]`` batch first."""
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    zeros = x.new_zeros((2 if module.bidirectional else 1) * module.num_layers, x.shape[0], module.hidden_size)
+    return (zeros if h0 is None else h0.detach()), (zeros if c0 is None else c0.detach())
+
+
 def written_forms(module: nn.RNNBase, call: Call, x: Tensor, hx: Any) -> Forms:
     """The forms of one call of an LSTM (without proj_size), GRU or RNN on the CPU (NOTE [recurrent backward written
     out]); ``x`` is the call's input batch first ``[B, T, D]``, ``hx`` its initial state(s) or None."""
     hidden, dirs = module.hidden_size, 2 if module.bidirectional else 1
-    bsz = x.shape[0]
-    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
-    zeros = x.new_zeros(dirs * module.num_layers, bsz, hidden)
-    h0 = zeros if h0 is None else h0.detach()
-    c0 = zeros if c0 is None else c0.detach()
+    h0, c0 = initial_states(module, x, hx)
     names = [[f"l{layer}", f"l{layer}_reverse"][:dirs] for layer in range(module.num_layers)]
     if module.mode == "LSTM":
         forward, backward = _lstm_forward, _lstm_backward
@@ -191,8 +196,9 @@ def written_forms(module: nn.RNNBase, call: Call, x: Tensor, hx: Any) -> Forms:
                 forms.weights[f"weight_ih_{n}"] = [Block(0, inputs[layer], u)]
                 forms.weights[f"weight_hh_{n}"] = [Block(0, h_prev, w_grad)]
                 if module.bias:
-                    forms.sums[f"bias_ih_{n}"] = [(0, u.sum(1))]
-                    forms.sums[f"bias_hh_{n}"] = [(0, w_grad.sum(1))]
+                    s = u.sum(1)
+                    forms.sums[f"bias_ih_{n}"] = [(0, s)]
+                    forms.sums[f"bias_hh_{n}"] = [(0, s if w_grad is u else w_grad.sum(1))]
                 if layer:
                     part = torch.matmul(u, w[0])
                     below = part if below is None else below + part
