@@ -29,6 +29,9 @@ class ClipSpec:
     groups: Mapping[str, str] = field(default_factory=dict)  # parameter name -> group name
     #: the bound on the norm of a whole clipped gradient: C, or sqrt(sum C_k^2) over per-layer bounds
     bound: float = math.nan
+    #: bool [B] or None: rows whose factor is set to 0 where False (the padding of a captured call, NOTE [captured
+    #: calls] in psgrad.api.graphed); ``where``, not a product, so that a non-finite norm there cannot leak
+    valid: Tensor | None = field(default=None, compare=False)
 
     @classmethod
     def make(cls, mode: str, max_norm, gamma: float, groups: Mapping[str, str], where: str) -> ClipSpec:
@@ -74,14 +77,18 @@ class ClipSpec:
             for name, s in sq_norms.items():
                 g = self.groups[name]
                 group_sq[g] = group_sq[g] + s.double() if g in group_sq else s.double()
-            per_group = {g: flat_factors(s.sqrt(), float(self.max_norm[g])) for g, s in group_sq.items()}
+            per_group = {g: self._masked(flat_factors(s.sqrt(), float(self.max_norm[g])))
+                         for g, s in group_sq.items()}
             return {name: per_group[self.groups[name]] for name in sq_norms}
         norm = self.total_norm(sq_norms)
         if self.mode == "flat":
             c = flat_factors(norm, float(self.max_norm))
         else:
             c = float(self.max_norm) / (norm + self.gamma)
-        return dict.fromkeys(sq_norms, c)
+        return dict.fromkeys(sq_norms, self._masked(c))
+
+    def _masked(self, c: Tensor) -> Tensor:
+        return c if self.valid is None else torch.where(self.valid, c, torch.zeros((), dtype=c.dtype, device=c.device))
 
 
 def _positive(value: object) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ from .._memory import alloc as _alloc
 from ..batch import LossFn
 from ..clipping import ClipSpec
 from ..errors import PsgradError
+from . import graphed as _graphed
 from .attribution import per_sample_dots as per_sample_dots
 from .attribution import per_sample_gram as per_sample_gram
 from .attribution import project as project
@@ -54,6 +55,7 @@ def per_sample_grads(
     flat: bool = False,
     return_losses: bool = False,
     check: bool | None = None,
+    cuda_graph: bool | Sequence[int] = False,
     **engine_options: Any,
 ) -> dict[str, Tensor] | Tensor | tuple[dict[str, Tensor] | Tensor, Tensor]:
     """Gradient of each example's own loss with respect to each trainable parameter.
@@ -82,6 +84,10 @@ def per_sample_grads(
             the parameters that do not (``||sum_i g_i - grad sum_i l_i|| <= tau sum_i ||g_i||``; NOTE [the
             consistency check] in ``psgrad.engines.consistency``). Default None: ``auto`` checks the first call
             for each model structure and falls back on a failure; other engines do not check.
+        cuda_graph (bool | list[int]): on CUDA, capture the call as a CUDA graph per batch-size bucket and replay it
+            in later calls (NOTE [captured calls] in ``psgrad.api.graphed``); a list gives the bucket sizes. Where a
+            call cannot be captured, or off CUDA, it runs eagerly with one :class:`~psgrad.FallbackWarning`.
+            Default: False.
         **engine_options: options of the chosen engine (e.g. ``chunk_size`` for vmap).
 
     Returns:
@@ -102,6 +108,11 @@ def per_sample_grads(
     """
     where = "per_sample_grads"
     batch, chosen = prepare(model, inputs, targets, params, where)
+    if cuda_graph is not False:
+        replayed = _graphed.grads(where, model, loss_fn, batch, chosen, engine, engine_options, check, out, flat,
+                                  cuda_graph)
+        if replayed is not None:
+            return replayed if return_losses else replayed[0]
     dest = destination(out, flat, chosen, batch.size, where)
     grads, losses = run_engine(engine, "grads", where, model, loss_fn, batch, chosen, engine_options, check, out=dest)
     result: dict[str, Tensor] | Tensor = grads
@@ -162,6 +173,7 @@ def clipped_grad_sum(
     return_losses: bool = False,
     check: bool | None = None,
     on_sum: Callable[[str, Tensor], None] | None = None,
+    cuda_graph: bool | Sequence[int] = False,
     **engine_options: Any,
 ) -> dict[str, Tensor] | tuple[dict[str, Tensor], Tensor]:
     """Sum over the batch of each example's clipped gradient, ``sum_i c_i g_i``: what DP-SGD adds noise to.
@@ -180,7 +192,10 @@ def clipped_grad_sum(
         on_sum (Callable, optional): ``on_sum(name, sum)``, called once per parameter with the tensor that the
             result will hold, as soon as that sum is complete: with the hooks engine layer by layer while the
             later layers' sums are still being computed (to start communicating them early), with the others
-            when all are done. A call that has handed out sums does not fall back to another engine.
+            when all are done. A call that has handed out sums does not fall back to another engine. With
+            ``cuda_graph``, when all are done.
+        cuda_graph (bool | list[int]): as in :func:`per_sample_grads`; the padding rows of a bucket get clipping
+            factor 0.
 
     Returns:
         ``{name: Tensor[*param.shape]}``, the clipped sum (not divided by B); with ``return_norms`` and/or
@@ -198,8 +213,15 @@ def clipped_grad_sum(
     if on_sum is not None and not callable(on_sum):
         raise PsgradError(f"{where}: on_sum must be a function of (name, tensor), got {type(on_sum).__name__}")
     sink = None if on_sum is None else SumSink(on_sum)
-    sums, norms, losses = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options,
-                                     check, clip=clip, on_sum=sink)
+    replayed = None
+    if cuda_graph is not False:
+        replayed = _graphed.clipped(where, model, loss_fn, batch, chosen, engine, engine_options, check, clip, sink,
+                                    cuda_graph)
+    if replayed is not None:
+        sums, norms, losses = replayed
+    else:
+        sums, norms, losses = run_engine(engine, "clipped_sum", where, model, loss_fn, batch, chosen, engine_options,
+                                         check, clip=clip, on_sum=sink)
     extra = (norms,) * return_norms + (losses,) * return_losses
     return (sums, *extra) if extra else sums
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 import psgrad
 
 from ..api import parameter_groups
+from ..api.graphed import check_buckets
 from ..batch import Batch
 from ..clipping import ClipSpec
 from ..errors import PsgradError
@@ -106,6 +107,9 @@ class DPSGD:
             share of every logical batch (a :func:`~psgrad.dp.poisson_loader` given the same ``world``); the
             clipped sums are summed over the ranks before the one noise draw, the parameters are rank 0's at the
             start and stay identical. A DistributedDataParallel-wrapped model is unwrapped.
+        cuda_graphs (bool | list[int]): compute the clipped sums of physical batches as captured CUDA graphs, one
+            per batch-size bucket (``cuda_graph`` of :func:`psgrad.clipped_grad_sum`; Poisson batches vary in size,
+            so a few buckets are captured). The noise and the optimizer step run eagerly. Default: False.
 
     Example::
 
@@ -135,6 +139,7 @@ class DPSGD:
         accountant: str | Accountant = "rdp",
         engine: str = "auto",
         group: Any = None,
+        cuda_graphs: bool | Sequence[int] = False,
     ) -> None:
         where = "DPSGD"
         model = unwrap(model) if isinstance(model, nn.Module) else model
@@ -150,6 +155,9 @@ class DPSGD:
         self.dataset_size = dataset_size
         self.expected_batch_size = self.sample_rate * dataset_size
         self.clipping, self.gamma, self.engine = clipping, gamma, engine
+        if cuda_graphs is not False:
+            check_buckets(cuda_graphs, where)
+        self.cuda_graphs = cuda_graphs
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise PsgradError(f"{where}: the model has no trainable parameters")
@@ -204,7 +212,7 @@ class DPSGD:
         sums, norms, losses = psgrad.clipped_grad_sum(
             self.model, self.loss_fn, inputs, targets, self.max_norm, engine=self.engine,
             params=list(self.params), clipping=self.clipping, gamma=self.gamma, return_norms=True,
-            return_losses=True, on_sum=on_sum,
+            return_losses=True, on_sum=on_sum, cuda_graph=self.cuda_graphs,
         )
         self._losses.extend(losses.detach().double().tolist())
         if on_sum is None:
