@@ -146,3 +146,48 @@ def no_fallback():
 
     with mock.patch.object(FallbackRule, "grad_sample", refuse):
         yield
+
+
+def _tensors(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _tensors(v)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+
+
+class GraphStandIn:
+    """Stands in for CUDA graphs (psgrad.api.graphed.BACKEND) on the CPU: a capture runs the function once and keeps
+    its outputs; a replay runs it again on what the static inputs hold then and writes the results into the kept
+    outputs, as a graph's kernels write into the graph's own buffers. ``corrupt`` adds 1 to what a replay writes,
+    ``stale`` makes a replay write nothing (a graph that reads old inputs), ``fail`` makes the capture raise."""
+
+    def __init__(self, corrupt: bool = False, fail: str | None = None, stale: bool = False):
+        self.corrupt, self.fail, self.stale = corrupt, fail, stale
+        self.captures = self.replays = 0
+
+    def unavailable(self, device):
+        return None
+
+    def warmup(self, device):
+        return contextlib.nullcontext()
+
+    def capture(self, fn, device):
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.captures += 1
+        outputs = fn()
+        return (fn, outputs), outputs
+
+    def replay(self, graph):
+        fn, outputs = graph
+        self.replays += 1
+        if self.stale:
+            return
+        fresh = list(_tensors(fn()))
+        with torch.no_grad():
+            for kept, new in zip(_tensors(outputs), fresh):
+                kept.copy_(new + 1 if self.corrupt and kept.is_floating_point() else new)

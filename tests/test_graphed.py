@@ -10,14 +10,20 @@ GPU. The test marked ``cuda`` captures a real graph where a GPU is present.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import warnings
 
 import pytest
 import torch
-from helpers import assert_close_to_truth, truth, truth_clipped_scale, truth_clipped_sum, truth_norms
+from helpers import (
+    GraphStandIn,
+    assert_close_to_truth,
+    truth,
+    truth_clipped_scale,
+    truth_clipped_sum,
+    truth_norms,
+)
 from torch import nn
 
 import psgrad
@@ -28,51 +34,11 @@ LOSS = nn.CrossEntropyLoss(reduction="none")
 BOUND = 0.5
 
 
-def _tensors(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            yield from _tensors(v)
-    elif isinstance(tree, torch.Tensor):
-        yield tree
-
-
-class StandIn:
-    """Capture = one run kept; replay = a new run on the static inputs, written into the captured outputs."""
-
-    def __init__(self, corrupt: bool = False, fail: str | None = None):
-        self.corrupt, self.fail = corrupt, fail
-        self.captures = self.replays = 0
-
-    def unavailable(self, device):
-        return None
-
-    def warmup(self, device):
-        return contextlib.nullcontext()
-
-    def capture(self, fn, device):
-        if self.fail:
-            raise RuntimeError(self.fail)
-        self.captures += 1
-        outputs = fn()
-        return (fn, outputs), outputs
-
-    def replay(self, graph):
-        fn, outputs = graph
-        self.replays += 1
-        fresh = list(_tensors(fn()))
-        with torch.no_grad():
-            for kept, new in zip(_tensors(outputs), fresh):
-                kept.copy_(new + 1 if self.corrupt and kept.is_floating_point() else new)
-
-
 @pytest.fixture
 def backend(monkeypatch):
     graphed.clear()
     monkeypatch.setattr(graphed, "_WARNED", set())
-    stand_in = StandIn()
+    stand_in = GraphStandIn()
     monkeypatch.setattr(graphed, "BACKEND", stand_in)
     yield stand_in
     graphed.clear()

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import FallbackWarning
+from .captured import Alternating, graph_step
 from .measure import PeakMemory, summarize, time_calls
-from .spec import DP_PEER, RowSpec, blank_result
+from .spec import DP_PEER, GRAPH, RowSpec, blank_result
 
 Step = Callable[[], Any]
 
@@ -60,10 +62,17 @@ def measure_row(spec: RowSpec) -> dict[str, Any]:
         if spec.task == "clipped" and spec.engine not in ("plain", "ref"):
             max_norm = _clip_bound(w)
             row["extra"]["max_norm"] = max_norm
-        step = _make_step(spec, w, device, max_norm)
-        memory = PeakMemory(device)
-        memory.start()
-        times, warmups, result = time_calls(step, device, spec.warmup, spec.repeats, spec.max_time)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FallbackWarning)
+            step = _make_step(spec, w, device, max_norm)
+            memory = PeakMemory(device)
+            memory.start()
+            times, warmups, result = time_calls(step, device, spec.warmup, spec.repeats, spec.max_time)
+        fallbacks = sorted({str(c.message) for c in caught if issubclass(c.category, FallbackWarning)})
+        if fallbacks:  # an engine or a captured call that ran another way than the row says
+            row["extra"]["fallbacks"] = fallbacks
+        if isinstance(step, Alternating):  # NOTE [captured rows]: the truth of the last call's batch
+            w = step.workload(w)
         row["peak_memory_bytes"] = memory.peak()
         getattr(step, "close", lambda: None)()
         row["extra"]["memory_before_bytes"] = memory.before
@@ -95,6 +104,8 @@ def _make_step(spec: RowSpec, w: Any, device: torch.device, max_norm: float | No
 
     model, loss_fn, x, y = w.model, w.loss_fn, w.inputs, w.targets
     engine = spec.engine
+    if spec.variant == GRAPH:
+        return graph_step(spec, w, device, max_norm)
     if engine in ("plain", "ref"):
         trainable = [p for p in model.parameters() if p.requires_grad]
 

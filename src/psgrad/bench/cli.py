@@ -93,6 +93,10 @@ def parser() -> argparse.ArgumentParser:
                       help="on CUDA, let convolutions and matrix products round their inputs to TF32 (PyTorch's "
                            "default for cuDNN convolutions); off by default, so that float32 rows compute in "
                            "float32 and can be checked against the truth at float32 tolerance")
+    what.add_argument("--cuda-graphs", action="store_true",
+                      help="also time captured rows (variant graph, CUDA only): the plain step captured as a CUDA "
+                           "graph, and hooks with cuda_graph=True, for --task grads and clipped; their inputs "
+                           "alternate between two batches, so a stale replay fails the truth check")
     what.add_argument("--warmup", type=_count(0), default=1, help="untimed calls first (default: 1)")
     what.add_argument("--repeats", type=_count(1), default=3, help="timed calls; the median is reported (default: 3)")
     what.add_argument("--max-time", type=float, default=30.0, metavar="S",
@@ -198,7 +202,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--device must be cpu or cuda (cuda:N), got {device!r}")
     rows = planning.make_plan(names, sizes, args.engines, args.task, device, warmup=args.warmup,
                               repeats=args.repeats, examples=args.examples, max_time=args.max_time or None,
-                              caps=caps, tf32=args.tf32)
+                              caps=caps, tf32=args.tf32, graphs=args.cuda_graphs)
     if args.list:
         for planned in rows:
             s = planned.spec

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import DP_MODES, DP_PEER, OUT_ENGINES, YARDSTICKS, RowSpec
+from .spec import DP_MODES, DP_PEER, GRAPH, GRAPH_ENGINES, GRAPH_TASKS, OUT_ENGINES, YARDSTICKS, RowSpec
 
 #: the default run, PyTorch's per-sample-gradient benchmark redone: ResNet18-GN at batch 128
 SEED = {"workloads": ["resnet18-gn"], "batch_sizes": [128]}
@@ -68,8 +69,10 @@ def make_plan(
     max_time: float | None = None,
     caps: dict[str, int] | None = None,
     tf32: bool = False,
+    graphs: bool = False,
 ) -> list[Planned]:
-    """Rows per (workload, batch size): ``plain``, ``ref``, then each engine and mode (see the module doc)."""
+    """Rows per (workload, batch size): ``plain``, ``ref``, then each engine and mode (see the module doc); with
+    ``graphs`` also the captured rows (``variant="graph"``) of plain and of the engines in GRAPH_ENGINES."""
     from psgrad.workloads import OUT_OF_PLACE
 
     known, unavailable = engine_names()
@@ -95,6 +98,8 @@ def make_plan(
                                max_time, tf32)
 
             plan += [Planned(row("plain")), Planned(row("ref"))]
+            if graphs:
+                plan.append(_captured(row("plain", variant=GRAPH), device))
             for engine in chosen:
                 if engine == DP_PEER:
                     if task != "clipped":
@@ -109,7 +114,15 @@ def make_plan(
                         specs.append(row(engine, "fresh", "oop", OOP_NOTE.format(twin=twin)))
                 for spec in specs:
                     plan.append(_decide(spec, unavailable.get(engine), caps, explicit))
+                if graphs and engine in GRAPH_ENGINES and task in GRAPH_TASKS:
+                    plan += [_captured(dataclasses.replace(s, variant=GRAPH), device) for s in specs]
     return plan
+
+
+def _captured(spec: RowSpec, device: str) -> Planned:
+    if not device.startswith("cuda"):
+        return Planned(spec, "skipped", "captured rows need a CUDA device")
+    return Planned(spec)
 
 
 def _decide(spec: RowSpec, unavailable: str | None, caps: dict[str, int], explicit: bool) -> Planned:

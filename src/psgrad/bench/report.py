@@ -5,7 +5,7 @@ The document (schema version 1)::
     {"version": 1, "datetime": ..., "settings": {...}, "machine_info": {...}, "commit_info": {...},
      "benchmarks": [{"name", "params": {workload, task, batch_size, engine, mode, device, variant},
                      "status", "reason", "note", "stats": {median, iqr, min, max, mean, rounds, data},
-                     "peak_memory_bytes", "ratios": {to_plain, to_ref, memory_to_plain},
+                     "peak_memory_bytes", "ratios": {to_plain, to_ref, memory_to_plain[, to_plain_graph]},
                      "agreement": {max_rel_err, examples_checked, tolerance, ok, worst_parameter},
                      "extra": {...}}, ...]}
 
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .spec import RowSpec, params_key, row_label
+from .spec import GRAPH, RowSpec, params_key, row_label
 
 SCHEMA_VERSION = 1
 TIMED = ("ok", "mismatch")
@@ -73,16 +73,19 @@ def add_ratios(entries: list[dict[str, Any]]) -> None:
     batch size and device)."""
     yardsticks: dict[tuple, dict[str, dict[str, Any]]] = {}
     for e in entries:
-        if e["params"]["engine"] in ("plain", "ref") and e["status"] == "ok" and not e["params"].get("variant"):
-            yardsticks.setdefault(_group(e["params"]), {})[e["params"]["engine"]] = e
+        variant = e["params"].get("variant")
+        if e["params"]["engine"] in ("plain", "ref") and e["status"] == "ok" and variant in ("", None, GRAPH):
+            name = e["params"]["engine"] + (f"_{GRAPH}" if variant else "")
+            yardsticks.setdefault(_group(e["params"]), {})[name] = e
     for e in entries:
         if e["status"] not in TIMED:
             continue
         ys = yardsticks.get(_group(e["params"]), {})
         median = e["stats"].get("median")
-        for name in ("plain", "ref"):
+        for name in ("plain", "ref", f"plain_{GRAPH}"):
             other = ys.get(name, {}).get("stats", {}).get("median")
-            e["ratios"][f"to_{name}"] = median / other if median is not None and other else None
+            if name == "plain" or name == "ref" or other:  # to_plain_graph only in runs with captured rows
+                e["ratios"][f"to_{name}"] = median / other if median is not None and other else None
         plain_peak = ys.get("plain", {}).get("peak_memory_bytes")
         peak = e.get("peak_memory_bytes")
         e["ratios"]["memory_to_plain"] = peak / plain_peak if peak and plain_peak else None
@@ -172,7 +175,8 @@ def table_rows(document: dict[str, Any], width: int | None = 160) -> list[list[s
         if e["status"] in TIMED and wanted and 0 < (st.get("rounds") or 0) < wanted:
             cut = f"{st['rounds']} of {wanted} repeats (--max-time)"
         checked = e.get("agreement", {}).get("note", "")
-        text = "; ".join(t for t in (e.get("reason", ""), cut, e.get("note", ""), checked) if t)
+        captured = f"{times(r['to_plain_graph'])} plain [graph]" if r.get("to_plain_graph") else ""
+        text = "; ".join(t for t in (e.get("reason", ""), cut, e.get("note", ""), checked, captured) if t)
         if width and len(text) > width:
             text = text[: width - 3] + "..."
         rows.append([
@@ -225,7 +229,7 @@ def markdown(document: dict[str, Any]) -> str:
 
 CSV_FIELDS = ["workload", "task", "batch_size", "engine", "mode", "variant", "device", "status", "median_s",
               "iqr_s", "min_s", "rounds", "peak_memory_bytes", "to_plain", "to_ref", "memory_to_plain",
-              "max_rel_err", "examples_checked", "reason", "note"]
+              "to_plain_graph", "max_rel_err", "examples_checked", "reason", "note"]
 
 
 def to_csv(document: dict[str, Any]) -> str:
@@ -239,7 +243,7 @@ def to_csv(document: dict[str, Any]) -> str:
             "status": e["status"], "median_s": st.get("median"), "iqr_s": st.get("iqr"), "min_s": st.get("min"),
             "rounds": st.get("rounds"), "peak_memory_bytes": e.get("peak_memory_bytes"),
             "to_plain": r.get("to_plain"), "to_ref": r.get("to_ref"), "memory_to_plain": r.get("memory_to_plain"),
-            "max_rel_err": a.get("max_rel_err"), "examples_checked": a.get("examples_checked"),
+            "to_plain_graph": r.get("to_plain_graph"), "max_rel_err": a.get("max_rel_err"), "examples_checked": a.get("examples_checked"),
             "reason": e.get("reason", ""), "note": e.get("note", ""),
         })
     return out.getvalue()

@@ -4,7 +4,9 @@ A row is (workload, task, batch size, engine, mode) on a device. ``engine`` is a
 of the yardsticks ``plain`` (an ordinary forward and backward of the summed loss) and ``ref`` (plain plus
 one fill of an already-touched ``B x P`` float32 buffer), or ``opacus-dp`` (Opacus's own DP step, forward
 + backward + clipping, in its ``hooks`` or ``ghost`` mode). ``variant="oop"`` marks a row timed on the
-workload's out-of-place twin (same weights, same numbers).
+workload's out-of-place twin (same weights, same numbers); ``variant="graph"`` a captured row (CUDA only: the
+plain step captured as a CUDA graph, or hooks with ``cuda_graph=True``; NOTE [captured rows] in
+:mod:`psgrad.bench.captured`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 YARDSTICKS = ("plain", "ref")
 DP_PEER = "opacus-dp"
 DP_MODES = ("hooks", "ghost")
+GRAPH = "graph"
+#: the tasks with captured rows, and the engines captured there (besides plain)
+GRAPH_TASKS, GRAPH_ENGINES = ("grads", "clipped"), ("hooks",)
 #: engines with an ``out=`` mode (reusing the result buffers of an earlier call), for the grads task
 OUT_ENGINES = ("hooks",)
 STATUSES = ("ok", "mismatch", "error", "oom", "timeout", "skipped")
