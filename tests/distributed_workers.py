@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from psgrad.dp import DPSGD, World, load_checkpoint, poisson_loader, save_checkpoint
+from psgrad.dp import DPSGD, PhiloxNoise, World, load_checkpoint, poisson_loader, save_checkpoint
 
 COLLECTIVE_TIMEOUT = 30  # seconds: a rank left waiting fails the test instead of hanging it
 DEADLINE = 180  # seconds for the whole group to finish
@@ -79,7 +79,7 @@ def _flat(model: nn.Module) -> torch.Tensor:
 def _train(world: World, model: nn.Module, data: TensorDataset, q: float, steps: int, *, sigma: float,
            max_norm: float, lr: float, momentum: float, seed: int, resume: str | None = None,
            save: str | None = None, physical: int | None = None, ddp: bool = False,
-           block: int | None = None, secure: bool = False, manual: bool = False) -> dict:
+           block: int | None = None, secure: bool = False, manual: bool = False, philox: bool = False) -> dict:
     """``steps`` logical steps; per step the rank's share, the global batch size, the gradient handed to the
     optimizer (noise included), the parameters after the step and the step's record."""
     randomness = {"secure": True} if secure else {"seed": seed}
@@ -91,7 +91,7 @@ def _train(world: World, model: nn.Module, data: TensorDataset, q: float, steps:
         model_arg = model
     dp = DPSGD(model_arg, CE, opt, noise_multiplier=sigma, max_norm=max_norm, sample_rate=q, dataset_size=len(data),
                group=world.group if world.distributed else None, engine="hooks",
-               **({"secure": True} if secure else {"seed": seed + 1}))
+               **({"secure": True} if secure else {"noise": PhiloxNoise(seed + 1)} if philox else {"seed": seed + 1}))
     if block:  # smaller noise blocks: W ranks then draw different blocks of the one draw
         dp.noise.BLOCK = block
     if resume:
@@ -145,7 +145,8 @@ def suite(world: World) -> dict:
     return {"float32": trajectory(world), "float64": trajectory(world, dtype="float64"),
             "physical": trajectory(world, physical=2), "ddp": trajectory(world, ddp=True),
             "manual": trajectory(world, manual=True), "empty": trajectory(world, **EMPTY),
-            "zero": zero_gradient(world, **ZERO), "secure": trajectory(world, secure=True)}
+            "zero": zero_gradient(world, **ZERO), "secure": trajectory(world, secure=True),
+            "philox": trajectory(world, philox=True)}
 
 
 def reference() -> dict:
@@ -153,7 +154,8 @@ def reference() -> dict:
     unwrapped, by train_step."""
     one = World.local()
     return {"float32": trajectory(one), "float64": trajectory(one, dtype="float64"), "physical": trajectory(one),
-            "ddp": trajectory(one), "manual": trajectory(one), "empty": trajectory(one, **EMPTY), "zero": zero_gradient(one, **ZERO)}
+            "ddp": trajectory(one), "manual": trajectory(one), "empty": trajectory(one, **EMPTY), "zero": zero_gradient(one, **ZERO),
+            "philox": trajectory(one, philox=True)}
 
 
 SCENARIOS = {"trajectory": trajectory, "zero_gradient": zero_gradient, "suite": suite}

@@ -70,7 +70,7 @@ def ranks(request) -> tuple[int, list[dict]]:
     return request.param, dw.launch("suite", request.param)
 
 
-@pytest.mark.parametrize("run", ["float32", "float64"])
+@pytest.mark.parametrize("run", ["float32", "float64", "philox"])
 def test_ranks_train_as_one_process(ranks, reference, run):
     _same_run([r[run] for r in ranks[1]], reference[run], run)
 

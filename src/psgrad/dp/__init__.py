@@ -5,6 +5,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import World
 from .noise import CounterNoise, NoiseSource, SecureNoise, SeededNoise, secure_normal
 from .optimizer import DPSGD, StepRecord
+from .philox import PhiloxNoise
 from .sampling import EmptySafeCollate, PoissonSampler, poisson_loader
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "CounterNoise",
     "EmptySafeCollate",
     "NoiseSource",
+    "PhiloxNoise",
     "PoissonSampler",
     "SecureNoise",
     "SeededNoise",

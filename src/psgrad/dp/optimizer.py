@@ -34,6 +34,7 @@ from ..errors import PsgradError
 from .accounting import Accountant, check_method, check_noise_multiplier
 from .distributed import Reduction, World, unwrap
 from .noise import CounterNoise, NoiseSource, SecureNoise
+from .philox import PhiloxNoise
 from .sampling import check_sample_rate
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class DPSGD:
         if self.world.distributed:  # NOTE [distributed DP-SGD]: start from rank 0's parameters and buffers
             with torch.no_grad():
                 self.world.broadcast_([*model.parameters(), *model.buffers()])
-            if isinstance(self.noise, CounterNoise):  # rank 0's seed: the same noise on every rank, also unseeded
+            if isinstance(self.noise, _BY_BLOCKS):  # rank 0's seed: the same noise on every rank, also unseeded
                 self.noise.seed = self.world.broadcast_u64(self.noise.seed)
         if isinstance(accountant, Accountant):
             self.accountant = accountant
@@ -285,8 +286,8 @@ class DPSGD:
         """Standard normal noise for every parameter: one flat draw per (dtype, device), split in order.
 
         In a distributed run each rank returns its share of the one draw and zeros elsewhere, so that the sum
-        over the ranks holds every number once (NOTE [distributed DP-SGD]): :class:`CounterNoise` positions by
-        blocks (``CounterNoise.standard_normal(part=...)``), any other source all on rank 0.
+        over the ranks holds every number once (NOTE [distributed DP-SGD]): :class:`CounterNoise` and
+        :class:`PhiloxNoise` positions by blocks (``standard_normal(part=...)``), any other source all on rank 0.
         """
         groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
         for name, p in self.params.items():
@@ -297,7 +298,7 @@ class DPSGD:
             shape = (sum(sizes),)
             if not self.world.distributed:
                 flat = self.noise.standard_normal(shape, dtype, device)
-            elif isinstance(self.noise, CounterNoise):
+            elif isinstance(self.noise, _BY_BLOCKS):
                 flat = self.noise.standard_normal(shape, dtype, device, part=(self.world.rank, self.world.size))
             elif self.world.rank == 0:
                 flat = self.noise.standard_normal(shape, dtype, device)
@@ -381,6 +382,10 @@ class DPSGD:
 
 
 # ---------------------------------------------------------------------------------------------------
+#: noise sources whose draws ranks can share out by blocks of positions (``standard_normal(part=(r, W))``)
+_BY_BLOCKS = (CounterNoise, PhiloxNoise)
+
+
 def _check_optimizer(optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], where: str) -> None:
     mine = {id(p) for p in params.values()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
