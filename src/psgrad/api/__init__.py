@@ -20,6 +20,7 @@ from .attribution import project as project
 from .buffers import destination
 from .checks import prepare
 from .explain import Explanation, explain_call
+from .graphed import check_buckets as check_buckets
 from .run import SumSink, run_engine
 
 

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 
 import psgrad
 
-from ..api import parameter_groups
-from ..api.graphed import check_buckets
+from ..api import check_buckets, parameter_groups
 from ..batch import Batch
 from ..clipping import ClipSpec
 from ..errors import PsgradError
