@@ -234,14 +234,18 @@ def test_fully_masked_query_goes_to_the_generic_rule(need_weights):
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
-def test_dropout_in_training_mode_is_refused(need_weights):
+def test_dropout_in_training_mode_is_refused_where_the_rule_recomputes(need_weights):
+    """Cross-attention is recomputed, and the recompute cannot draw the forward's masks (self-attention takes the
+    layer's own linear calls instead: tests/test_inner_linears.py)."""
+
     class Drop(nn.Module):
         def __init__(self):
             super().__init__()
             self.mha = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
 
         def forward(self, x):
-            return self.mha(x, x, x, need_weights=need_weights)[0].pow(2).sum((1, 2))
+            kv = x.flip(1)
+            return self.mha(x, kv, kv, need_weights=need_weights)[0].pow(2).sum((1, 2))
 
     x = torch.randn(3, 4, 4)
     model = Drop().train()
@@ -254,9 +258,11 @@ def test_dropout_in_training_mode_is_refused(need_weights):
         check_all_tasks(model.eval(), _own, x)
 
 
-def test_check_gives_the_reason_for_dropout():
+def test_dropout_is_decided_per_call():
+    """Attention dropout in training mode is fine where the layer's own linear calls were recorded (nothing is
+    recomputed) and a reason to decline where the rule would have to recompute the attention."""
     mha = nn.MultiheadAttention(4, 2, dropout=0.1)
-    assert "dropout" in MultiheadAttentionRule().check(mha, None)
+    assert MultiheadAttentionRule().check(mha, None) is None
 
 
 def test_overridden_forward_goes_to_the_generic_rule():
@@ -354,10 +360,10 @@ def test_self_attention_takes_one_block_for_the_packed_weight(bias):
     import psgrad.rules.attention as attention
 
     blocks = []
-    original = attention._forms
+    original = attention.MultiheadAttentionRule.forms
 
-    def spy(module, call):
-        forms = original(module, call)
+    def spy(self, module, call, names):
+        forms = original(self, module, call, names)
         blocks.append(len(forms.weights["in_proj_weight"]))
         return forms
 
@@ -372,6 +378,6 @@ def test_self_attention_takes_one_block_for_the_packed_weight(bias):
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 5, 4, generator=g), torch.randn(3, 2, 4, generator=g)
-    with no_fallback(), mock.patch.object(attention, "_forms", spy):
+    with no_fallback(), mock.patch.object(attention.MultiheadAttentionRule, "forms", spy):
         check_all_tasks(SelfThenCross().eval(), _own, (x, y))
     assert set(blocks) == {1, 3}  # every task saw both calls: the self-attention one as one block

@@ -166,6 +166,10 @@ class RealTracker(TorchFunctionMode):
         if self.failed is None and any(isinstance(t, Tensor) and id(t) in self.free for t in outs):
             self.failed = "a tensor computed from its parameters leaves the call without the batch"
 
+    def finish(self, call: Call) -> None:
+        """Hand the per-sample gradients to ``call`` (before the rule sees it)."""
+        call.bare_grads, call.bare_failed = self.result()
+
     def result(self) -> tuple[dict[str, Tensor] | None, str | None]:
         """The per-sample gradients (None where the call must go to the generic rule) and why not."""
         if self.failed is not None:

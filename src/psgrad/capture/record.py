@@ -33,6 +33,7 @@ from ..rules.call import BatchDim, Call, Merged, Ragged
 from ..rules.precision import autocast_state
 from . import merged
 from .bare import RealTracker
+from .inner import InnerTracker
 from .outputs import COPY_OUTPUTS, NeedsCopies, consumed_inside
 from .probe import Layout, batch_dim
 from .state import snapshots
@@ -54,12 +55,14 @@ class _Pending:
     pending: int = 0
     reported: bool = False
     window: tuple[int, int] = (0, 0)
-    tracker: RealTracker | None = None  # the unit's own parameters, followed (NOTE [bare parameters])
+    #: the unit's own parameters followed (NOTE [bare parameters]), or its inner linear calls recorded (NOTE
+    #: [linear calls inside a layer])
+    tracker: RealTracker | InnerTracker | None = None
 
     def finish(self) -> None:
-        """Hand the followed parameters' per-sample gradients to the call, before the call is handed on."""
+        """Hand what the tracker found to the call, before the call is handed on."""
         if self.tracker is not None:
-            self.call.bare_grads, self.call.bare_failed = self.tracker.result()
+            self.tracker.finish(self.call)
 
 
 class Recorder:
@@ -70,9 +73,9 @@ class Recorder:
         self.layout = layout
         self.batch_size = batch_size
         self._records: list[list[_Pending]] = [[] for _ in self.units]
-        self._open: list[list[tuple[int, tuple, dict, RealTracker | None]]] = [[] for _ in self.units]
+        self._open: list[list[tuple]] = [[] for _ in self.units]
         self._entered = [0] * len(self.units)
-        self._active: list[RealTracker] = []
+        self._active: list[RealTracker | InnerTracker] = []
         self._edges: list[Any] = []
         self._on_ready: OnReady | None = None
         self._error: Exception | None = None
@@ -177,6 +180,9 @@ class Recorder:
                 index = self._entered[u]
                 tracker = RealTracker(unit.bare, self.layout.bare_plans.get((u, index)), self.batch_size,
                                       self.layout.size)
+            elif unit.inner:  # NOTE [linear calls inside a layer]
+                tracker = InnerTracker(unit.inner, seq)
+            if tracker is not None:
                 tracker.__enter__()
                 self._active.append(tracker)
             self._entered[u] += 1
@@ -202,7 +208,7 @@ class Recorder:
 
         return hook
 
-    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any, tracker: RealTracker | None,
+    def _record(self, u: int, start: int, args: tuple, kwargs: dict, output: Any, tracker: Any,
                 states: dict[int, Any]) -> Any:
         unit = self.units[u]
         index = len(unit.calls)

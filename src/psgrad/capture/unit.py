@@ -27,6 +27,9 @@ class Unit:
     #: ``{local name: parameter}`` of the module's own parameters that the capture follows through its calls
     #: (NOTE [bare parameters] in :mod:`psgrad.rules.bare`); empty for every other unit
     bare: dict[str, nn.Parameter] = field(default_factory=dict)
+    #: ``{local name: weight}`` whose ``F.linear`` calls inside the unit's calls are recorded (the rule's
+    #: ``inner_linears``; NOTE [linear calls inside a layer] in :mod:`psgrad.capture.inner`)
+    inner: dict[str, nn.Parameter] = field(default_factory=dict)
 
 
 class NeedsParent(UnsupportedModelError):

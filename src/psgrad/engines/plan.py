@@ -121,6 +121,8 @@ def plan(
             # (NOTE [bare parameters]); the generic rule where they cannot be
             rule = BARE
             unit.bare = {loc: module.get_parameter(loc) for loc in keep}
+        elif getattr(rule, "inner_linears", ()):  # NOTE [linear calls inside a layer] in psgrad.capture.inner
+            unit.inner = {loc: module.get_parameter(loc) for loc in rule.inner_linears if loc in keep}
         planned.append(Planned(unit, rule, keep, reason, mname))
     return planned
 

@@ -1,12 +1,15 @@
 """Rules for the attention layer family (registered into DEFAULT on import).
 
-nn.MultiheadAttention is handled by a hand-written rule: from the captured query, key and value and the
-gradient of the attention output it recomputes the projections and the attention probabilities for the
-whole batch at once, differentiates the attention by hand, and forms every per-sample parameter gradient
-as ``b_i^T a_i`` products (as for nn.Linear). Its cost is one batched forward of the layer plus one batched
-backward of the attention core, about what the layer itself costs in the model's own backward; no
-per-example work and no torch.func. Configurations it does not reproduce exactly are sent to the generic
-rule through :meth:`MultiheadAttentionRule.check` (see its docstring).
+nn.MultiheadAttention is handled by a hand-written rule that forms every per-sample parameter gradient as
+``b_i^T a_i`` products (as for nn.Linear). For self-attention with packed weights the products' inputs and
+output gradients are the layer's own two linear calls, recorded during the model's forward and backward (NOTE
+[linear calls inside a layer] in psgrad.capture.inner): nothing is recomputed, and attention dropout and masks
+are whatever the model did. Otherwise (separate or cross-attention projections, bias_k/bias_v), from the
+captured query, key and value and the gradient of the attention output it recomputes the projections and the
+attention probabilities for the whole batch at once and differentiates the attention by hand: one batched
+forward of the layer plus one batched backward of the attention core, no per-example work and no torch.func.
+Configurations it does not reproduce exactly are sent to the generic rule through
+:meth:`MultiheadAttentionRule.check` (see its docstring).
 """
 
 from __future__ import annotations
@@ -77,6 +80,39 @@ def _same(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors are views of the same elements, laid out alike."""
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
                       and a.dtype == b.dtype and a.device == b.device)
+
+
+def _inner_calls(module: nn.MultiheadAttention, call: Call) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The layer's own two linear calls, as the model's forward and backward had them (NOTE [linear calls inside a
+    layer] in psgrad.capture.inner): the packed projection's input ``[L, B, E]`` and output gradient ``[L, B, 3E]``
+    and the output projection's input ``[L * B, E]`` (rows time-major), whose output gradient is the layer's. None
+    where the call took another route (separate or cross-attention projections, bias_k/bias_v)."""
+    if call is None or module.bias_k is not None:
+        return None
+    projections, outputs = call.inner_linears("in_proj_weight"), call.inner_linears("out_proj.weight")
+    if len(projections) != 1 or len(outputs) != 1:
+        return None
+    (x, d_proj), (o, _) = projections[0], outputs[0]
+    bsz, embed = call.batch_size, module.embed_dim
+    tgt = x.shape[0] if x.dim() == 3 else -1
+    if (d_proj is None or x.shape != (tgt, bsz, embed) or d_proj.shape != (tgt, bsz, 3 * embed)
+            or o.shape != (tgt * bsz, embed)):
+        return None
+    return x, d_proj, o
+
+
+def _inner_forms(module: nn.MultiheadAttention, call: Call, found: tuple[Tensor, Tensor, Tensor]) -> Forms:
+    """The forms of :func:`_forms` from the recorded linear calls: no recompute."""
+    x, d_proj, o = found
+    a, b = x.movedim(1, 0), d_proj.movedim(1, 0)  # [B, L, E], [B, L, 3E]
+    g = call.grad(0)
+    out = Forms()
+    out.weights["in_proj_weight"] = [Block(0, a, b)]
+    s, e = b.sum(1), module.embed_dim  # cut as the recompute's sums are, so that calls of either kind concatenate
+    out.sums["in_proj_bias"] = [(0, s[:, :e]), (e, s[:, e:2 * e]), (2 * e, s[:, 2 * e:])]
+    out.weights["out_proj.weight"] = [Block(0, o.view(x.shape[0], call.batch_size, -1).movedim(1, 0), g)]
+    out.sums["out_proj.bias"] = [(0, g.sum(1))]
+    return out
 
 
 def _forms(module: nn.MultiheadAttention, call: Call) -> Forms:
@@ -181,6 +217,9 @@ class MultiheadAttentionRule(LinearFormRule):
     parameters = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                             "bias_k", "bias_v"})
     claims_children = True
+    #: the weights whose linear calls the capture records (NOTE [linear calls inside a layer]): with them a
+    #: self-attention call needs no recompute
+    inner_linears = ("in_proj_weight", "out_proj.weight")
 
     def applicability(self, module: nn.Module) -> str | None:
         reason = super().applicability(module)
@@ -195,15 +234,17 @@ class MultiheadAttentionRule(LinearFormRule):
     def check_call(self, module: nn.Module, call: Call | None) -> str | None:
         """Why this call is left to the generic rule, or None.
 
+        - inputs that are not batched ``[*, B, *, E]`` tensors at the layout's batch dimension;
+        - where the call's own linear calls were recorded (self-attention with packed weights, NOTE [linear calls
+          inside a layer]), nothing else: nothing is recomputed. Otherwise, for the recompute:
         - dropout in training mode: the recompute cannot draw the forward's masks (the generic rule then
           refuses too, since torch.func forbids random ops under vmap, so the result is an error);
-        - inputs that are not batched ``[*, B, *, E]`` tensors at the layout's batch dimension;
         - a query row whose keys are all masked: the two code paths of the layer disagree there (NaN
           with ``need_weights``, zeros without), which the generic rule reproduces as is.
         """
         assert isinstance(module, nn.MultiheadAttention)
-        if module.dropout > 0 and module.training:
-            return "attention dropout in training mode draws random masks that cannot be recomputed"
+        if call is None:  # everything here depends on the call
+            return None
         bound, dims = call.bound(_MHA_SIGNATURE), call.bound_bdims(_MHA_SIGNATURE)
         lay = 0 if module.batch_first else 1
         for n in ("query", "key", "value"):
@@ -212,6 +253,10 @@ class MultiheadAttentionRule(LinearFormRule):
                 return f"{n} is not a batched 3-D tensor with the batch at dimension {lay}"
         if call.out_bdim(0) != lay:
             return "the output does not carry the batch where expected"
+        if _inner_calls(module, call) is not None:  # nothing recomputed: masks and dropout are the model's own
+            return None
+        if module.dropout > 0 and module.training:
+            return "attention dropout in training mode draws random masks that cannot be recomputed"
         kpm, attn_mask = bound["key_padding_mask"], bound["attn_mask"]
         if kpm is not None and dims["key_padding_mask"] != 0:
             return "key_padding_mask does not carry the batch at dimension 0"
@@ -233,4 +278,7 @@ class MultiheadAttentionRule(LinearFormRule):
         return None
 
     def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
+        found = _inner_calls(module, call)  # type: ignore[arg-type]
+        if found is not None:
+            return _inner_forms(module, call, found)  # type: ignore[arg-type]
         return _forms(module, call)  # type: ignore[arg-type]

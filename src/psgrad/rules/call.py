@@ -85,6 +85,11 @@ class Call:
     #: per-sample gradients ``{local name: [B, *shape]}``, or None with ``bare_failed`` saying why not
     bare_grads: dict[str, Tensor] | None = None
     bare_failed: str | None = None
+    #: for a module whose rule asked for them (``inner_linears``, NOTE [linear calls inside a layer] in
+    #: psgrad.capture.inner): ``{local weight name: [(input, output gradient), ...]}``, one pair per ``F.linear``
+    #: call that took that weight, tensors as the call had them; None with ``inner_failed`` saying why not
+    inner: dict[str, list[tuple[Tensor, Tensor | None]]] | None = None
+    inner_failed: str | None = None
     #: ``{leaf index: deep copy}`` of the objects (not plain values, not tensors) the call was given, as they were
     #: when it began, where they held no tensor (NOTE [state passed to a call] in psgrad.capture.state)
     states: dict[int, Any] = field(default_factory=dict)
@@ -228,6 +233,14 @@ class Call:
         self.leaves = [None if isinstance(t, Tensor) else t for t in self.leaves]
         self.grads = [None] * len(self.grads)
         self.bare_grads = None
+        self.inner = None
+
+    def inner_linears(self, name: str) -> list[tuple[Tensor, Tensor | None]]:
+        """The ``(input, output gradient)`` pairs of the inner ``F.linear`` calls that took the weight ``name``, in
+        the parameters' precision (NOTE [mixed precision]); empty where none were captured."""
+        if self.inner is None:
+            return []
+        return [(self._wide(a), None if g is None else self._wide(g)) for a, g in self.inner.get(name, [])]
 
     # ------------------------------------------------------------------------------------------------
     def _wide(self, t: Tensor) -> Tensor:
