@@ -14,7 +14,9 @@ Three parts, each with its NOTE:
 - :mod:`~psgrad.capture.outputs`: the outputs handed on, so that each hook sees the uses after the call only (NOTE
   [outputs the module itself consumes], NOTE [outputs that are views, modified in place]);
 - :mod:`~psgrad.capture.state`: objects a call was given, kept as they were when it began, for the generic rule's
-  re-runs (NOTE [state passed to a call]).
+  re-runs (NOTE [state passed to a call]);
+- :mod:`~psgrad.capture.layouts`: probe layouts kept for later calls on inputs of the same kind (NOTE [reusing the
+  probe's layout]).
 
 :class:`Capture` is a context manager over the three; leaving it removes every hook and drops every captured
 tensor, also on error, so nothing stays on the user's modules or parameters.
@@ -28,8 +30,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..batch import Batch
+from ..errors import UnsupportedModelError
 from ..rules.precision import uncached
-from . import merged
+from . import layouts, merged
 from .outputs import COPY_OUTPUTS, NeedsCopies
 from .probe import Layout, probe
 from .record import OnReady, Recorder
@@ -43,6 +46,9 @@ class Capture:
         self.units = list(units)
         self.batch_size = batch_size
         self._recorder: Recorder | None = None
+        self._layout: Layout | None = None
+        self._key: tuple | None = None
+        self._reused = False
 
     def __enter__(self) -> Capture:
         return self
@@ -52,10 +58,17 @@ class Capture:
             self._recorder.release()
             self._recorder = None
 
-    def probe(self, model: nn.Module, batch: Batch) -> Layout:
-        """Locate the batch in every captured tensor (see :func:`~psgrad.capture.probe.probe`)."""
-        with uncached():  # NOTE [mixed precision]
-            layout = probe(model, batch, self.units, self.batch_size)
+    def probe(self, model: nn.Module, batch: Batch, reuse: bool = True) -> Layout:
+        """Locate the batch in every captured tensor (see :func:`~psgrad.capture.probe.probe`), or take the layout
+        an earlier call found for this model on inputs of this kind (NOTE [reusing the probe's layout])."""
+        self._key = layouts.key(model, batch, self.units)
+        layout = layouts.find(model, self._key) if reuse else None
+        self._reused = layout is not None
+        if layout is None:
+            with uncached():  # NOTE [mixed precision]
+                layout = probe(model, batch, self.units, self.batch_size)
+            layouts.keep(model, self._key, layout)
+        self._layout = layout
         self._recorder = Recorder(self.units, layout, self.batch_size)
         return layout
 
@@ -64,16 +77,23 @@ class Capture:
         merges the batch into rows and the probe kept no values for it, the probe runs again keeping them, and
         so does the forward (once; NOTE [batches merged into rows])."""
         assert self._recorder is not None, "Capture.probe must run before Capture.forward"
-        for _ in range(3):  # values kept, view outputs copied: each at most once
+        for _ in range(4):  # a kept layout replaced, values kept, view outputs copied: each at most once
             try:
                 with uncached():  # NOTE [mixed precision]
-                    return self._recorder.forward(model, batch)
+                    output = self._recorder.forward(model, batch)
+                if self._reused and not layouts.matches(self._layout, self.units):  # type: ignore[arg-type]
+                    raise UnsupportedModelError("the calls differ from the kept layout's")
+                return output
             except merged.NeedsValues as exc:
                 merged.KEEP_VALUES.update(exc.modules)
             except NeedsCopies as exc:  # NOTE [outputs that are views, modified in place]
                 COPY_OUTPUTS.update(exc.modules)
+            except UnsupportedModelError:  # NOTE [reusing the probe's layout]: a fresh probe decides
+                if not self._reused:
+                    raise
+                layouts.drop(model, self._key)
             self._recorder.release()
-            self.probe(model, batch)
+            self.probe(model, batch, reuse=False)
         raise AssertionError("the forward asked to be run again more often than it can")
 
     def backward(
