@@ -64,3 +64,41 @@ def test_which_layers_are_written_out():
     assert recurrent._written_out(nn.LSTM(3, 4), x) and recurrent._written_out(nn.GRU(3, 4), x)
     assert not recurrent._written_out(nn.RNN(3, 4), x)
     assert recurrent._written_out(nn.RNN(3, recurrent.FUSED_MAX_GATES + 1), x)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_last_layer_takes_the_calls_own_outputs(bidirectional):
+    """The last layer's hidden states come from the call's output: PyTorch's fused layer runs in the rule only for
+    the layers below it."""
+    import psgrad.rules.recurrent_written as written
+
+    runs = Counter()
+
+    def counted(mode, op):
+        def run(*args):
+            runs.update([mode])
+            return op(*args)
+
+        return run
+
+    counting = {mode: counted(mode, op) for mode, op in written.FUSED_LAYERS.items()}
+    case = dict(CASES[0], kind="lstm", layers=2, bidirectional=bidirectional, use="output")
+    model, inputs = _build(case)
+    with no_fallback(), mock.patch.dict(written.FUSED_LAYERS, counting):
+        psgrad.per_sample_grads(model, _own, inputs, engine="hooks")
+        assert runs["LSTM"] == (2 if bidirectional else 1)  # layer 0 only
+        check_all_tasks(model, _own, inputs)
+
+
+def test_a_kept_output_changed_in_place_is_not_used():
+    """Call.output checks the version the output had when the module returned it."""
+    from psgrad.rules.call import Call
+
+    out = torch.randn(3, 5, 4)
+    call = Call.of_tensors(nn.LSTM(2, 4), 3, [(torch.randn(3, 5, 2), 0)], [(out.shape, 0)])
+    call.outputs = [(out, out._version)]
+    assert torch.equal(call.output(0), out)
+    out.mul_(2.0)
+    assert call.output(0) is None
+    call.outputs = None
+    assert call.output(0) is None

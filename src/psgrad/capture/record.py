@@ -243,6 +243,8 @@ class Recorder:
                     states=states, autocast=self._autocast)
         record = _Pending(unit, call)
         call.out_expanded = record.expanded
+        if unit.keep_outputs:  # the module's own outputs, as it returned them (Call.output checks their versions)
+            call.outputs = [(t.detach(), t._version) if isinstance(t, Tensor) else None for t in outs]
         changed = False
         inside = consumed_inside(outs, start)  # NOTE [outputs the module itself consumes]
         for j, t in enumerate(outs):

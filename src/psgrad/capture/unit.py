@@ -30,6 +30,8 @@ class Unit:
     #: ``{local name: weight}`` whose ``F.linear`` calls inside the unit's calls are recorded (the rule's
     #: ``inner_linears``; NOTE [linear calls inside a layer] in :mod:`psgrad.capture.inner`)
     inner: dict[str, nn.Parameter] = field(default_factory=dict)
+    #: whether the calls keep their outputs' values (the rule's ``keeps_outputs``; :meth:`Call.output`)
+    keep_outputs: bool = False
 
 
 class NeedsParent(UnsupportedModelError):

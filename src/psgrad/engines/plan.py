@@ -123,6 +123,7 @@ def plan(
             unit.bare = {loc: module.get_parameter(loc) for loc in keep}
         elif getattr(rule, "inner_linears", ()):  # NOTE [linear calls inside a layer] in psgrad.capture.inner
             unit.inner = {loc: module.get_parameter(loc) for loc in rule.inner_linears if loc in keep}
+        unit.keep_outputs = bool(getattr(rule, "keeps_outputs", False))
         planned.append(Planned(unit, rule, keep, reason, mname))
     return planned
 

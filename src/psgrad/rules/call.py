@@ -90,6 +90,9 @@ class Call:
     #: call that took that weight, tensors as the call had them; None with ``inner_failed`` saying why not
     inner: dict[str, list[tuple[Tensor, Tensor | None]]] | None = None
     inner_failed: str | None = None
+    #: for a module whose rule asked for them (``keeps_outputs``): each output as the module returned it, with its
+    #: version then (None for outputs that are not tensors)
+    outputs: list[tuple[Tensor, int] | None] | None = None
     #: ``{leaf index: deep copy}`` of the objects (not plain values, not tensors) the call was given, as they were
     #: when it began, where they held no tensor (NOTE [state passed to a call] in psgrad.capture.state)
     states: dict[int, Any] = field(default_factory=dict)
@@ -234,6 +237,17 @@ class Call:
         self.grads = [None] * len(self.grads)
         self.bare_grads = None
         self.inner = None
+        self.outputs = None
+
+    def output(self, index: int = 0) -> Tensor | None:
+        """Output ``index`` as the module returned it, batch first and in the parameters' precision; None where the
+        outputs were not kept, where it has no single batch dimension, or where it was modified in place since."""
+        kept = None if self.outputs is None or index >= len(self.outputs) else self.outputs[index]
+        bdim = self.out_bdims[index] if index < len(self.out_bdims) else None
+        if kept is None or not isinstance(bdim, int) or kept[0]._version != kept[1]:
+            return None
+        t = kept[0]
+        return self._wide(t if bdim == 0 else t.movedim(bdim, 0))
 
     def inner_linears(self, name: str) -> list[tuple[Tensor, Tensor | None]]:
         """The ``(input, output gradient)`` pairs of the inner ``F.linear`` calls that took the weight ``name``, in

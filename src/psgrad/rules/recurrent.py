@@ -305,6 +305,8 @@ class RecurrentRule(LinearFormRule):
     LSTM proj_size, with or without an initial state, gradients from output, h_n and c_n alike."""
 
     reproduces = (nn.RNN, nn.LSTM, nn.GRU)
+    #: the top layer's outputs are every step's hidden state: the written-out backward takes them from the call
+    keeps_outputs = True
 
     def knows(self, module: nn.Module, name: str) -> bool:
         return name in getattr(module, "_flat_weights_names", ())

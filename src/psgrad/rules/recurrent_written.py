@@ -8,7 +8,8 @@ input weights, and on the CPU that identity costs a ``[G, G]`` product per row f
 gates: 4H, 3H, H): for lstm-text four times the layer's own input product. Written out, the backward needs per
 step one ``[B, G] x [G, H]`` product and a few elementwise operations on time-first tensors:
 
-- forward (no autograd): PyTorch's fused layer on the real input gives every ``h_t``; ``u`` and ``w`` of all
+- forward (no autograd): every ``h_t`` from the call's own output for the last layer, from PyTorch's fused layer
+  on the layer's input below it; ``u`` and ``w`` of all
   steps follow at once, then the gates (an LSTM's cell state ``c_t = f_t c_{t-1} + i_t g_t`` step by step), and
   from them per step the coefficients that turn ``dh_t`` (and an LSTM's ``dc_t``) into the step's ``U_t, W_t``;
 - backward, t from the last step down, ``dh_t = dL/dout_t + W_{t+1} W_hh`` (+ a GRU's ``z_{t+1} dh_{t+1}``;
@@ -41,14 +42,17 @@ from .forms import Block, Forms
 FUSED_LAYERS = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh, "RNN_RELU": torch._VF.rnn_relu}
 
 
-def _lstm_forward(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """One direction over ``x [B, T, D]`` from ``(h0, c0) [B, H]``: its outputs and previous states
+def _lstm_forward(x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], bias: bool, out: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction over ``x [B, T, D]`` from ``(h0, c0) [B, H]`` (its outputs ``out``, where known, else run
+    here): its outputs and previous states
     ``[B, T, H]``, and the coefficients of its backward, time first ``[T, B, 6, H]``: per step ``g i (1 - i)``,
     ``c_prev f (1 - f)``, ``i (1 - g^2)`` (the input, forget and cell gates' factors of ``dc``), ``tanh(c) o (1 - o)``
     (the output gate's factor of ``dh``), ``o (1 - tanh^2 c)`` (``dc`` from ``dh``) and ``f``."""
     steps = x.shape[1]
     w_ih, w_hh = weights[0], weights[1]
-    out = FUSED_LAYERS["LSTM"](x, (h0[None], c0[None]), weights, bias, 1, 0.0, False, False, True)[0]
+    if out is None:
+        out = FUSED_LAYERS["LSTM"](x, (h0[None], c0[None]), weights, bias, 1, 0.0, False, False, True)[0]
     h_prev = torch.cat([h0[:, None], out[:, :-1]], 1)
     z = torch.matmul(x.transpose(0, 1), w_ih.t())  # time first [T, B, 4H]: each step's rows contiguous
     z.add_(torch.matmul(h_prev.transpose(0, 1), w_hh.t()))
@@ -94,13 +98,14 @@ def _lstm_backward(w_hh: Tensor, coef: Tensor, grad_out: Tensor | None, grad_h: 
     return u, u
 
 
-def _gated_forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], bias: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def _gated_forward(mode: str, x: Tensor, h0: Tensor, c0: Tensor, weights: list[Tensor], bias: bool,
+                   out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """A GRU or RNN direction over ``x [B, T, D]`` from ``h0 [B, H]``: its outputs and previous states
     ``[B, T, H]``, and time first ``[T, B, 2 G/H + 1, H]`` the factors of ``dh_t`` that give ``U_t`` (G/H of them),
     ``W_t`` (as many) and the direct part of ``dh_{t-1}`` (a GRU's ``z``; an RNN's 0)."""
     steps, bsz = x.shape[1], x.shape[0]
-    out = FUSED_LAYERS[mode](x, h0[None], weights, bias, 1, 0.0, False, False, True)[0]
+    if out is None:
+        out = FUSED_LAYERS[mode](x, h0[None], weights, bias, 1, 0.0, False, False, True)[0]
     h_prev = torch.cat([h0[:, None], out[:, :-1]], 1)
     u = torch.matmul(x.transpose(0, 1), weights[0].t())  # time first [T, B, G]
     w = torch.matmul(h_prev.transpose(0, 1), weights[1].t())
@@ -163,6 +168,9 @@ def written_forms(module: nn.RNNBase, call: Call, x: Tensor, hx: Any) -> Forms:
         kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
         return [getattr(module, f"{k}_{n}").detach() for k in kinds]
 
+    top = call.output(0)  # the last layer's outputs [B, T, dirs H], as the module returned them
+    if top is not None and top.shape[2] != dirs * hidden:
+        top = None
     with torch.no_grad():
         inputs, steps = [], []  # per layer: its input; per layer and direction: (h_prev, coef)
         layer_in = x.detach()
@@ -171,7 +179,11 @@ def written_forms(module: nn.RNNBase, call: Call, x: Tensor, hx: Any) -> Forms:
             for d, n in enumerate(layer_names):
                 k = layer * dirs + d
                 seq = layer_in.flip(1) if d else layer_in
-                out, h_prev, coef = forward(seq, h0[k], c0[k], weights(n), module.bias)
+                known = None
+                if top is not None and layer == module.num_layers - 1:
+                    known = top[..., d * hidden:(d + 1) * hidden]
+                    known = known.flip(1) if d else known
+                out, h_prev, coef = forward(seq, h0[k], c0[k], weights(n), module.bias, out=known)
                 outs.append(out.flip(1) if d else out)
                 steps.append((h_prev, coef))
             inputs.append(layer_in)
