@@ -47,6 +47,36 @@ def test_tied_weights_add_up():
     _check_all_tasks(Tied().eval(), tokens, torch.randint(0, 10, (4,)))
 
 
+class ThreeWays(nn.Module):
+    """One weight in three modules: each later use is added into the first one's per-sample gradients in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 10)
+        self.mid = nn.Linear(10, 10)
+        self.head = nn.Linear(10, 10, bias=False)
+        self.mid.weight = self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens)))).mean(1)
+
+
+def test_a_weight_in_three_modules_adds_up():
+    tokens = torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(2))
+    _check_all_tasks(ThreeWays().eval(), tokens, torch.randint(0, 10, (4,)))
+
+
+def test_squared_norms_in_chunks_equal_one_pass(monkeypatch):
+    from psgrad.rules import base
+
+    g = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(0))
+    whole = base.sq_norms(g)
+    monkeypatch.setattr(base, "SQ_NORMS_CHUNK", 31)  # two examples per chunk
+    assert torch.equal(base.sq_norms(g), whole)
+    monkeypatch.setattr(base, "SQ_NORMS_CHUNK", 1)  # one
+    assert torch.equal(base.sq_norms(g), whole)
+
+
 class Twice(nn.Module):
     def __init__(self):
         super().__init__()

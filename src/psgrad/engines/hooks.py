@@ -186,12 +186,15 @@ class HooksEngine(Engine):
                 multi = {loc: name for loc, name in item.names.items() if loc not in single}
                 if single:
                     kept = visit(result, item, rule, calls, single) or kept
-                if multi:
+                if multi:  # materialized once, the later units' uses added into it in place
+                    fresh = [loc for loc in multi if multi[loc] not in result.shared]
+                    again = {loc: result.shared[name] for loc, name in multi.items() if name in result.shared}
                     with running(item, rule, trace, len(calls)):
-                        materialized = materialize(rule, item.unit.module, calls, list(multi))
-                    for loc, g in materialized.items():
-                        name = multi[loc]
-                        result.shared[name] = result.shared[name] + g if name in result.shared else g
+                        if fresh:
+                            for loc, g in materialize(rule, item.unit.module, calls, fresh).items():
+                                result.shared[multi[loc]] = g
+                        for call in calls if again else ():
+                            rule.grad_sample(item.unit.module, call, again, accumulate=True)
             if not kept:  # (a unit whose calls all missed the loss has no rule to run, nothing kept)
                 for call in item.unit.calls:
                     call.release()

@@ -208,11 +208,20 @@ def _global_hooks() -> bool:
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
+#: elements of the squares :func:`sq_norms` forms at once: a bounded temporary, not one as large as ``g``
+SQ_NORMS_CHUNK = 1 << 22
+
+
 def sq_norms(g: Tensor) -> Tensor:
     """Per-sample squared norms ``[B]`` of per-sample gradients ``[B, *shape]`` (any shape, scalars too)."""
     # pow-sum, not vector_norm: slightly slower, but its cascaded summation keeps the norms of large per-sample
-    # gradients far closer to the float64 truth (benchmarks/README.md, "squared norms")
-    return g.reshape(g.shape[0], -1).pow(2).sum(1)
+    # gradients far closer to the float64 truth (benchmarks/README.md, "squared norms"); in chunks of examples, so
+    # that the squares of a [B, V, d] gradient (a tied embedding's) are never all held at once
+    flat = g.reshape(g.shape[0], -1)
+    per = max(1, SQ_NORMS_CHUNK // max(1, flat.shape[1]))
+    if per >= flat.shape[0]:
+        return flat.pow(2).sum(1)
+    return torch.cat([part.pow(2).sum(1) for part in flat.split(per)])
 
 
 def weighted_sum(c: Tensor, per_sample: Tensor) -> Tensor:
