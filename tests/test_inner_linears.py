@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_all_tasks, no_fallback
+from helpers import assert_close_to_truth, check_all_tasks, no_fallback, truth
 from torch import nn
 
 import psgrad
@@ -116,3 +116,59 @@ def test_a_weight_used_outside_a_linear_call_recomputes():
     with mock.patch.object(attention, "_forms", spy), mock.patch.object(F, "linear", also):
         check_all_tasks(model, CE, x, y)
     assert seen and all(r and "in_proj_weight is used 2 times" in r for r in seen), seen
+
+
+def test_trackers_in_two_threads_end_in_any_order():
+    """F.linear is wrapped while any tracker is active, each thread's calls reach its own trackers only, and the
+    original is back once the last one ends, whichever ends first."""
+    import threading
+
+    from psgrad.capture.inner import InnerTracker
+
+    original = F.linear
+    a_weight, b_weight = torch.randn(3, 4), torch.randn(3, 4)
+    a, b = InnerTracker({"w": a_weight}, 0), InnerTracker({"w": b_weight}, 0)
+    entered, a_done = threading.Event(), threading.Event()
+
+    def other():
+        with b:
+            entered.set()
+            a_done.wait(5)
+            F.linear(torch.randn(2, 4), b_weight)  # b's thread, b's weight
+            F.linear(torch.randn(2, 4), a_weight)  # a's weight in b's thread: not a's call
+
+    thread = threading.Thread(target=other)
+    a.__enter__()
+    thread.start()
+    entered.wait(5)
+    F.linear(torch.randn(2, 4), a_weight)
+    a.__exit__(None, None, None)  # a ends first, b still active
+    assert F.linear is not original
+    a_done.set()
+    thread.join(5)
+    assert F.linear is original
+    assert len(a.calls["w"]) == 1 and len(b.calls["w"]) == 1
+
+
+def test_concurrent_calls_in_threads_are_exact():
+    import threading
+
+    models = [SelfAttend(batch_first=bf) for bf in (True, False)]
+    x, y = _data()
+    results, errors = {}, []
+    original = F.linear
+
+    def run(i):
+        try:
+            results[i] = psgrad.per_sample_grads(models[i], CE, x, y, engine="hooks")
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and F.linear is original
+    for i, model in enumerate(models):
+        assert_close_to_truth(results[i], truth(model, CE, x, y))

@@ -22,6 +22,7 @@ The rule then computes as it would without it, so the result is exact either way
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,50 @@ from torch import Tensor, nn
 
 from ..rules.call import Call
 from .uses import graph_edges
+
+
+class _Wrapped:
+    """``F.linear`` while any tracker is active, in any thread: the function it replaced, and each thread's active
+    trackers told of every call (a thread's calls reach its own trackers only; the original is put back when the
+    last tracker of all threads is done, whatever the order they end in)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.original: Any = None
+        self.local = threading.local()
+
+    def enter(self, tracker: InnerTracker) -> None:
+        with self.lock:
+            if self.active == 0:
+                self.original = F.linear
+                F.linear = self.linear
+            self.active += 1
+        self._stack().append(tracker)
+
+    def exit(self, tracker: InnerTracker) -> None:
+        stack = self._stack()
+        if tracker in stack:
+            stack.remove(tracker)
+            with self.lock:
+                self.active -= 1
+                if self.active == 0:
+                    F.linear = self.original
+                    self.original = None
+
+    def _stack(self) -> list[InnerTracker]:
+        if not hasattr(self.local, "trackers"):
+            self.local.trackers = []
+        return self.local.trackers
+
+    def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        result = self.original(input, weight, bias)
+        for tracker in self._stack():
+            tracker.saw(input, weight, result)
+        return result
+
+
+_WRAPPED = _Wrapped()
 
 
 class InnerTracker:
@@ -46,20 +91,16 @@ class InnerTracker:
         self.pending = 0
         self.on_boundary: Any = None
         self.boundaries: list[Tensor] = []
-        self._saved: Any = None
 
     def __enter__(self) -> InnerTracker:
-        self._saved = F.linear
-        F.linear = self._linear
+        _WRAPPED.enter(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._saved is not None:
-            F.linear = self._saved
-            self._saved = None
+        _WRAPPED.exit(self)
 
-    def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        result = self._saved(input, weight, bias)
+    def saw(self, input: Tensor, weight: Tensor, result: Tensor) -> None:
+        """One ``F.linear`` call during the unit's call: recorded where its weight is one of the named ones."""
         name = self.names.get(id(weight))
         if name is not None and self.failed is None:
             entry: list[Any] = [input.detach(), None]
@@ -68,7 +109,6 @@ class InnerTracker:
                 self.pending += 1
                 result.register_hook(self._hook(entry))
                 self.boundaries.append(result)
-        return result
 
     def _hook(self, entry: list[Any]) -> Any:
         def hook(g: Tensor) -> None:
