@@ -23,6 +23,7 @@ reused layout is either the one a fresh probe would find for this structure or r
 from __future__ import annotations
 
 import collections
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from .probe import Layout
 from .unit import Unit
 
 _PER_MODEL = 8
+_LOCK = threading.Lock()  # calls in several threads share the kept layouts
 _LAYOUTS: weakref.WeakKeyDictionary[nn.Module, collections.OrderedDict[Any, Layout]] = weakref.WeakKeyDictionary()
 
 
@@ -66,27 +68,30 @@ def key(model: nn.Module, batch: Batch, units: Sequence[Unit]) -> tuple | None:
 def find(model: nn.Module, at: tuple | None) -> Layout | None:
     if at is None:
         return None
-    kept = _LAYOUTS.get(model)
-    layout = None if kept is None else kept.get(at)
-    if layout is not None:
-        kept.move_to_end(at)  # type: ignore[union-attr]
-    return layout
+    with _LOCK:
+        kept = _LAYOUTS.get(model)
+        layout = None if kept is None else kept.get(at)
+        if layout is not None:
+            kept.move_to_end(at)  # type: ignore[union-attr]
+        return layout
 
 
 def keep(model: nn.Module, at: tuple | None, layout: Layout) -> None:
     """Keep ``layout`` for later calls, unless it holds what the probe batch alone decides (see the NOTE)."""
     if at is None or layout.values or layout.tail_values or layout.expandable:
         return
-    kept = _LAYOUTS.setdefault(model, collections.OrderedDict())
-    kept[at] = layout
-    while len(kept) > _PER_MODEL:
-        kept.popitem(last=False)
+    with _LOCK:
+        kept = _LAYOUTS.setdefault(model, collections.OrderedDict())
+        kept[at] = layout
+        while len(kept) > _PER_MODEL:
+            kept.popitem(last=False)
 
 
 def drop(model: nn.Module, at: tuple | None) -> None:
-    kept = _LAYOUTS.get(model)
-    if kept is not None and at is not None:
-        kept.pop(at, None)
+    with _LOCK:
+        kept = _LAYOUTS.get(model)
+        if kept is not None and at is not None:
+            kept.pop(at, None)
 
 
 def matches(layout: Layout, units: Sequence[Unit]) -> bool:
