@@ -94,6 +94,37 @@ def test_a_layout_that_cannot_be_told_is_refused_never_guessed():
         psgrad.per_sample_grads(Constant().eval(), lambda o, y: o, x)  # auto: vmap takes it
 
 
+class ZeroNorm(nn.Module):
+    """A Linear then a BatchNorm1d whose weight starts at zero on the batch merged into rows (timm's LeViT): the
+    BatchNorm's outputs are all equal, so their values cannot tell the layout; its input's can, and its rows follow
+    its input's one for one."""
+
+    def __init__(self, time_major: bool):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+        nn.init.zeros_(self.bn.weight)
+        self.head = nn.Linear(5, 3)
+        self.time_major = time_major
+
+    def forward(self, x):  # [B, T, 4]
+        b, t, d = x.shape
+        rows = x.transpose(0, 1).reshape(t * b, d) if self.time_major else x.reshape(b * t, d)
+        h = self.bn(self.fc(rows))
+        h = h.view(t, b, -1).transpose(0, 1) if self.time_major else h.view(b, t, -1)
+        return self.head(torch.tanh(h + x.sum(-1, keepdim=True))).sum(1)
+
+
+@pytest.mark.parametrize("time_major", [False, True], ids=["batch-major", "time-major"])
+def test_a_zero_initialized_batchnorm_on_merged_rows_takes_its_inputs_layout(time_major):
+    torch.manual_seed(0)
+    model = ZeroNorm(time_major).eval()
+    model.bn.running_mean.normal_()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 3, 4, generator=g), torch.randn(4, 3, generator=g)
+    check_all_tasks(model, _sq, x, y)
+
+
 class Parametrized(nn.Module):
     def __init__(self):
         super().__init__()

@@ -10,7 +10,10 @@ under the right layout the rows of those examples in the real tensor equal (to r
 (which must have the probe's sizes: a ragged concatenation whose length only happens to be a multiple of B fails
 there). With at most three examples that covers every example; beyond, the first two and the last two. Exactly
 one layout must fit; where both or neither do (identical examples, randomness in the forward, any other
-arrangement of rows), the call is refused.
+arrangement of rows), the call is refused, with one exception: an output whose values fit both layouts (all equal:
+a BatchNorm whose weight starts at zero, as in LeViT's residual projections) of a module whose rule declares it
+position-wise along the merged dimension (``mixes_dims``, the dimensions it does mix, e.g. a BatchNorm's channels)
+takes its input's layout, which its rows follow one for one.
 The probe keeps values only for the modules that need them: the first call that meets a merged batch there runs
 the probe once more, keeping them, and the module is remembered for later calls.
 """
@@ -27,6 +30,10 @@ from ..rules.call import Merged
 
 #: modules seen with merged batches; the probe keeps their calls' values (weakly held: nothing on the model)
 KEEP_VALUES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class Ambiguous(UnsupportedModelError):
+    """Both layouts fit the values (all equal, or identical examples)."""
 
 
 class NeedsValues(Exception):
@@ -79,7 +86,7 @@ def resolve(real: Tensor, probe: Tensor | None, tail: Tensor | None, dim: int, r
         reason = "its values are all equal (a layer initialized to zero?), so they cannot tell the layouts apart"
     else:
         reason = "both layouts fit (identical examples?)" if all(fits) else "neither a batch-major nor a time-major layout fits"
-    raise UnsupportedModelError(
+    raise (Ambiguous if all(fits) else UnsupportedModelError)(
         f"{what} does not carry the batch in one dimension: it holds it merged with {rows} rows in dimension {dim}, "
         f"and it cannot be told how: {reason} (NOTE [batches merged into rows])"
     )

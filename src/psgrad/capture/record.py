@@ -253,8 +253,9 @@ class Recorder:
                 call.out_shapes.append(None)
                 record.expanded.append(False)
                 continue
+            like = in_bdims[0] if in_bdims and unit.mixes_dims is not None else None
             bdim = self._batch_dim(unit, t, out_probe[j], values and values[1][j], tail and tail[1][j],
-                                   f"output {j} of {unit.label}")
+                                   f"output {j} of {unit.label}", like=like)
             expanded = False
             if bdim is None and t.requires_grad:
                 if (u, index, j) in self.layout.expandable:
@@ -295,7 +296,7 @@ class Recorder:
         return tree_unflatten(outs, out_spec) if changed else None
 
     def _batch_dim(self, unit: Unit, t: Tensor, probed: torch.Size, probe_value: Any, tail_value: Any, what: str,
-                   ragged: bool = False) -> BatchDim:
+                   ragged: bool = False, like: BatchDim = None) -> BatchDim:
         """Where ``t`` holds the batch: one dimension, none, or merged with other rows (decided by the probe's
         values; NOTE [batches merged into rows]); an input (``ragged``) that follows the batch in none of these
         ways is left to the rules (:class:`~psgrad.rules.call.Ragged`)."""
@@ -316,6 +317,13 @@ class Recorder:
             try:
                 return merged.resolve(t.detach(), probe_value, tail_value if isinstance(tail_value, Tensor) else None,
                                       *found, b, bp, what)
+            except merged.Ambiguous:  # NOTE [batches merged into rows]: a position-wise module's rows follow its input
+                if (isinstance(like, Merged) and (like.dim, like.rows) == found and unit.mixes_dims is not None
+                        and like.dim not in unit.mixes_dims):
+                    return like
+                if ragged:
+                    return Ragged("both layouts fit its values")
+                raise
             except UnsupportedModelError as exc:
                 if ragged:  # an input that follows the batch in no way the capture knows: left to the rules
                     return Ragged(str(exc))

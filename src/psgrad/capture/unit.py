@@ -32,6 +32,10 @@ class Unit:
     inner: dict[str, nn.Parameter] = field(default_factory=dict)
     #: whether the calls keep their outputs' values (the rule's ``keeps_outputs``; :meth:`Call.output`)
     keep_outputs: bool = False
+    #: the dimensions along which the module mixes positions (the rule's ``mixes_dims``); an output whose merged
+    #: layout its values cannot tell takes its input's along any other (NOTE [batches merged into rows]); None:
+    #: unknown
+    mixes_dims: tuple[int, ...] | None = None
 
 
 class NeedsParent(UnsupportedModelError):

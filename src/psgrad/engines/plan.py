@@ -124,6 +124,7 @@ def plan(
         elif getattr(rule, "inner_linears", ()):  # NOTE [linear calls inside a layer] in psgrad.capture.inner
             unit.inner = {loc: module.get_parameter(loc) for loc in rule.inner_linears if loc in keep}
         unit.keep_outputs = bool(getattr(rule, "keeps_outputs", False))
+        unit.mixes_dims = getattr(rule, "mixes_dims", None)
         planned.append(Planned(unit, rule, keep, reason, mname))
     return planned
 

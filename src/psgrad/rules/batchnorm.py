@@ -29,6 +29,9 @@ class BatchNormEvalRule(_ChannelAffineRule):
     ``x_hat`` recomputed from the captured input and the running statistics (see the module docstring)."""
 
     reproduces = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    #: in eval mode each output element is its input element's per-channel affine image: positions mix along the
+    #: channels only (training mode, which mixes the batch, is refused before any capture)
+    mixes_dims = (1,)
 
     def check_call(self, module: nn.modules.batchnorm._BatchNorm, call: Call | None) -> str | None:
         if module.training or module.running_mean is None or module.running_var is None:
