@@ -98,3 +98,49 @@ def test_a_tensor_of_parameters_leaving_the_call_is_not_followed():
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     check_all_tasks(Outer().eval(), _sq, torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g))
+
+
+class Chunked(nn.Module):
+    """A parameter split by an operation that returns a tuple of tensors: the pieces' uses cannot be followed, so
+    the generic rule takes the call (it once came back as zeros)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # [B, 4]
+        a, b = self.p.chunk(2)
+        return self.head(torch.tanh(x * a + b))
+
+
+def test_a_tuple_of_parameter_pieces_goes_to_the_generic_rule():
+    g = torch.Generator().manual_seed(0)
+    check_all_tasks(Chunked(), _sq, torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g))
+
+
+def test_a_whole_functional_layer_on_own_parameters_goes_to_the_generic_rule():
+    """An nn.MultiheadAttention subclass with its own forward, with PyTorch's fast path switched off: the tracker
+    meets F.multi_head_attention_forward, which returns a tuple of tensors, as one operation."""
+
+    class Scaled(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            out, w = super().forward(query, key, value, **kwargs)
+            return 2 * out, w
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.mha = Scaled(4, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0].pow(2).sum((1, 2))
+
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        check_all_tasks(Model().eval(), lambda out, _: out, torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1)))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from ..errors import UnsupportedModelError
 from ..rules import bare as rule
@@ -126,7 +127,10 @@ class RealTracker(TorchFunctionMode):
         step = self.plan[self.next]
         self.next += 1
         if not isinstance(result, Tensor):
-            return
+            if any(isinstance(t, Tensor) for t in tree_flatten(result)[0]):  # e.g. a whole functional layer's outputs
+                raise UnsupportedModelError(f"{name} returns tensors inside a {type(result).__name__}, whose uses "
+                                            "cannot be followed")
+            return  # metadata: a size, a dtype
         if step.batch_free:
             self.free[id(result)] = result
             return
