@@ -21,3 +21,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def graph_stand_in(monkeypatch):
+    """psgrad's CUDA-graph backend replaced by the CPU stand-in of helpers.GraphStandIn, graphs and warnings fresh."""
+    from helpers import GraphStandIn
+
+    from psgrad.api import graphed
+
+    graphed.clear()
+    monkeypatch.setattr(graphed, "_WARNED", set())
+    backend = GraphStandIn()
+    monkeypatch.setattr(graphed, "BACKEND", backend)
+    yield backend
+    graphed.clear()

@@ -124,23 +124,13 @@ def test_a_whole_functional_layer_on_own_parameters_goes_to_the_generic_rule():
     """An nn.MultiheadAttention subclass with its own forward, with PyTorch's fast path switched off: the tracker
     meets F.multi_head_attention_forward, which returns a tuple of tensors, as one operation."""
 
-    class Scaled(nn.MultiheadAttention):
-        def forward(self, query, key, value, **kwargs):
-            out, w = super().forward(query, key, value, **kwargs)
-            return 2 * out, w
+    from test_rules_attention import ScaledModel
 
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.mha = Scaled(4, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.mha(x, x, x)[0].pow(2).sum((1, 2))
-
+    torch.manual_seed(0)
     was = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        check_all_tasks(Model().eval(), lambda out, _: out, torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1)))
+        check_all_tasks(ScaledModel().eval(), lambda out, _: out,
+                        torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1)))
     finally:
         torch.backends.mha.set_fastpath_enabled(was)

@@ -8,7 +8,6 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import GraphStandIn
 from torch import nn
 
 from psgrad.api import graphed
@@ -27,13 +26,8 @@ def small(batch_size: int, device: torch.device) -> Workload:
 
 
 @pytest.fixture
-def stand_in(monkeypatch):
-    graphed.clear()
-    monkeypatch.setattr(graphed, "_WARNED", set())
-    backend = GraphStandIn()
-    monkeypatch.setattr(graphed, "BACKEND", backend)
-    yield backend
-    graphed.clear()
+def stand_in(graph_stand_in):
+    return graph_stand_in
 
 
 def test_captured_rows_are_planned_on_cuda_and_skipped_elsewhere():

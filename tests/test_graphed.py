@@ -17,7 +17,6 @@ import warnings
 import pytest
 import torch
 from helpers import (
-    GraphStandIn,
     assert_close_to_truth,
     truth,
     truth_clipped_scale,
@@ -35,13 +34,8 @@ BOUND = 0.5
 
 
 @pytest.fixture
-def backend(monkeypatch):
-    graphed.clear()
-    monkeypatch.setattr(graphed, "_WARNED", set())
-    stand_in = GraphStandIn()
-    monkeypatch.setattr(graphed, "BACKEND", stand_in)
-    yield stand_in
-    graphed.clear()
+def backend(graph_stand_in):
+    return graph_stand_in
 
 
 def _model():

@@ -265,19 +265,25 @@ def test_dropout_is_decided_per_call():
     assert MultiheadAttentionRule().check(mha, None) is None
 
 
+class Scaled(nn.MultiheadAttention):
+    """An nn.MultiheadAttention subclass with a forward of its own (twice the output)."""
+
+    def forward(self, query, key, value, **kwargs):
+        out, w = super().forward(query, key, value, **kwargs)
+        return 2 * out, w
+
+
+class ScaledModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = Scaled(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x)[0].pow(2).sum((1, 2))
+
+
 def test_overridden_forward_goes_to_the_generic_rule():
-    class Scaled(nn.MultiheadAttention):
-        def forward(self, query, key, value, **kwargs):
-            out, w = super().forward(query, key, value, **kwargs)
-            return 2 * out, w
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = Scaled(4, 2, batch_first=True)
-
-        def forward(self, x):
-            return self.mha(x, x, x)[0].pow(2).sum((1, 2))
+    Model = ScaledModel
 
     assert MultiheadAttentionRule().check(Model().mha, None) == "forward is overridden"
     check_all_tasks(Model().eval(), _own, torch.randn(3, 4, 4))
