@@ -317,14 +317,12 @@ class Recorder:
             try:
                 return merged.resolve(t.detach(), probe_value, tail_value if isinstance(tail_value, Tensor) else None,
                                       *found, b, bp, what)
-            except merged.Ambiguous:  # NOTE [batches merged into rows]: a position-wise module's rows follow its input
-                if (isinstance(like, Merged) and (like.dim, like.rows) == found and unit.mixes_dims is not None
-                        and like.dim not in unit.mixes_dims):
-                    return like
-                if ragged:
-                    return Ragged("both layouts fit its values")
-                raise
             except UnsupportedModelError as exc:
+                # NOTE [batches merged into rows]: a position-wise module's rows follow its input's (``like`` is
+                # given only for units whose rule declares mixes_dims)
+                if (isinstance(exc, merged.Ambiguous) and isinstance(like, Merged) and (like.dim, like.rows) == found
+                        and like.dim not in unit.mixes_dims):  # type: ignore[operator]
+                    return like
                 if ragged:  # an input that follows the batch in no way the capture knows: left to the rules
                     return Ragged(str(exc))
                 raise

@@ -193,8 +193,9 @@ class HooksEngine(Engine):
                         if fresh:
                             for loc, g in materialize(rule, item.unit.module, calls, fresh).items():
                                 result.shared[multi[loc]] = g
-                        for call in calls if again else ():
-                            rule.grad_sample(item.unit.module, call, again, accumulate=True)
+                        if again:
+                            for call in calls:
+                                rule.grad_sample(item.unit.module, call, again, accumulate=True)
             if not kept:  # (a unit whose calls all missed the loss has no rule to run, nothing kept)
                 for call in item.unit.calls:
                     call.release()

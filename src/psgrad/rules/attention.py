@@ -82,28 +82,27 @@ def _same(a: Tensor, b: Tensor) -> bool:
                       and a.dtype == b.dtype and a.device == b.device)
 
 
-def _inner_calls(module: nn.MultiheadAttention, call: Call) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The layer's own two linear calls, as the model's forward and backward had them (NOTE [linear calls inside a
-    layer] in psgrad.capture.inner): the packed projection's input ``[L, B, E]`` and output gradient ``[L, B, 3E]``
-    and the output projection's input ``[L * B, E]`` (rows time-major), whose output gradient is the layer's. None
+def _has_inner(module: nn.MultiheadAttention, call: Call) -> bool:
+    """Whether the call's own two linear calls were recorded as self-attention makes them (NOTE [linear calls inside
+    a layer] in psgrad.capture.inner): the packed projection, input ``[L, B, E]`` and output gradient ``[L, B, 3E]``,
+    and the output projection, input ``[L * B, E]`` (rows time-major), whose output gradient is the layer's. False
     where the call took another route (separate or cross-attention projections, bias_k/bias_v)."""
-    if call is None or module.bias_k is not None:
-        return None
-    projections, outputs = call.inner_linears("in_proj_weight"), call.inner_linears("out_proj.weight")
+    inner = call.inner
+    if inner is None or module.bias_k is not None:
+        return False
+    projections, outputs = inner.get("in_proj_weight", []), inner.get("out_proj.weight", [])
     if len(projections) != 1 or len(outputs) != 1:
-        return None
+        return False
     (x, d_proj), (o, _) = projections[0], outputs[0]
     bsz, embed = call.batch_size, module.embed_dim
     tgt = x.shape[0] if x.dim() == 3 else -1
-    if (d_proj is None or x.shape != (tgt, bsz, embed) or d_proj.shape != (tgt, bsz, 3 * embed)
-            or o.shape != (tgt * bsz, embed)):
-        return None
-    return x, d_proj, o
+    return (d_proj is not None and x.shape == (tgt, bsz, embed) and d_proj.shape == (tgt, bsz, 3 * embed)
+            and o.shape == (tgt * bsz, embed))
 
 
-def _inner_forms(module: nn.MultiheadAttention, call: Call, found: tuple[Tensor, Tensor, Tensor]) -> Forms:
-    """The forms of :func:`_forms` from the recorded linear calls: no recompute."""
-    x, d_proj, o = found
+def _inner_forms(module: nn.MultiheadAttention, call: Call) -> Forms:
+    """The forms of :func:`_forms` from the recorded linear calls (where :func:`_has_inner`): no recompute."""
+    (x, d_proj), (o, _) = call.inner_linears("in_proj_weight")[0], call.inner_linears("out_proj.weight")[0]
     a, b = x.movedim(1, 0), d_proj.movedim(1, 0)  # [B, L, E], [B, L, 3E]
     g = call.grad(0)
     out = Forms()
@@ -253,7 +252,7 @@ class MultiheadAttentionRule(LinearFormRule):
                 return f"{n} is not a batched 3-D tensor with the batch at dimension {lay}"
         if call.out_bdim(0) != lay:
             return "the output does not carry the batch where expected"
-        if _inner_calls(module, call) is not None:  # nothing recomputed: masks and dropout are the model's own
+        if _has_inner(module, call):  # nothing recomputed: masks and dropout are the model's own
             return None
         if module.dropout > 0 and module.training:
             return "attention dropout in training mode draws random masks that cannot be recomputed"
@@ -278,7 +277,6 @@ class MultiheadAttentionRule(LinearFormRule):
         return None
 
     def forms(self, module: nn.Module, call: Call, names: Collection[str]) -> Forms:
-        found = _inner_calls(module, call)  # type: ignore[arg-type]
-        if found is not None:
-            return _inner_forms(module, call, found)  # type: ignore[arg-type]
+        if _has_inner(module, call):  # type: ignore[arg-type]
+            return _inner_forms(module, call)  # type: ignore[arg-type]
         return _forms(module, call)  # type: ignore[arg-type]
