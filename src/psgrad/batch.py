@@ -89,6 +89,23 @@ class Batch:
     def tensors(self) -> Iterator[Tensor]:
         return _tensors(self.inputs)
 
+    def signature(self) -> tuple | None:
+        """What a call on this batch depends on besides the values of its examples: every input's shape past the
+        batch dimension, dtype, device and whether it requires grad, the value of every argument that is not a
+        tensor, the same of the targets; None where such a value cannot be hashed (so cannot be compared)."""
+        args, kwargs = as_args_kwargs(self.inputs)
+        out = []
+        for key, value in (*enumerate(args), *kwargs.items(), ("targets", self.targets)):
+            if isinstance(value, Tensor):
+                out.append((key, tuple(value.shape[1:]), value.dtype, value.device, value.requires_grad))
+                continue
+            try:
+                hash(value)
+            except TypeError:
+                return None
+            out.append((key, value))
+        return tuple(out)
+
     def concat(self, other: Batch) -> Batch | None:
         """This batch followed by ``other`` as one batch, or None where they cannot be joined (other
         structures, other shapes beyond dimension 0, unequal arguments that are not tensors)."""

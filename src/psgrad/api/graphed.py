@@ -45,10 +45,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map_only
 
 from ..batch import Batch
 from ..engines.consistency import tolerance
 from ..errors import FallbackWarning, PsgradError
+from ..rules.precision import autocast_state
 from .buffers import destination
 from .run import run_engine, structure
 
@@ -140,21 +142,12 @@ def clear() -> None:
 
 def call_key(model: nn.Module, batch: Batch, params: dict[str, nn.Parameter], rest: tuple) -> tuple | str:
     """What a graph of this call assumes fixed (NOTE [captured calls]), or why it cannot be keyed."""
-    inputs = []
-    for key, value in _leaves(batch.inputs):
-        if isinstance(value, Tensor):
-            inputs.append((key, tuple(value.shape[1:]), value.dtype, value.device, value.requires_grad))
-        else:
-            try:
-                hash(value)
-            except TypeError:
-                return f"input {key} ({type(value).__name__}) is neither a tensor nor hashable"
-            inputs.append((key, value))
-    targets = None if batch.targets is None else (tuple(batch.targets.shape[1:]), batch.targets.dtype)
+    inputs = batch.signature()
+    if inputs is None:
+        return "an input that is not a tensor cannot be hashed, so calls cannot be compared"
     modes = tuple(m.training for m in model.modules())
     storage = tuple(p.data_ptr() for p in params.values())
-    autocast = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
-    key = (structure(model, params), modes, storage, tuple(inputs), targets, autocast, rest)
+    key = (structure(model, params), modes, storage, inputs, autocast_state(), rest)
     try:
         hash(key)
     except TypeError as exc:
@@ -188,7 +181,7 @@ def run(where: str, model: nn.Module, batch: Batch, key: tuple | str, buckets: S
     if isinstance(entry, str):
         return None
     per_example, whole = entry.outputs
-    return tuple(_map(part, lambda t: t[:batch.size]) for part in per_example), whole
+    return tree_map_only(Tensor, lambda t: t[:batch.size], per_example), whole
 
 
 def _capture(where: str, batch: Batch, size: int, device: torch.device, fn) -> _Captured | str:
@@ -200,7 +193,7 @@ def _capture(where: str, batch: Batch, size: int, device: torch.device, fn) -> _
     with BACKEND.warmup(device):
         for _ in range(WARMUPS):
             reference = fn(entry.batch, entry.valid)
-    reference = _map(reference, lambda t: t.detach().clone())
+    reference = tree_map_only(Tensor, lambda t: t.detach().clone(), reference)
     try:
         entry.graph, entry.outputs = BACKEND.capture(lambda: fn(entry.batch, entry.valid), device)
         BACKEND.replay(entry.graph)
@@ -220,8 +213,8 @@ def _capture(where: str, batch: Batch, size: int, device: torch.device, fn) -> _
 def _fill(entry: _Captured, batch: Batch) -> None:
     """Copy this call's examples into the graph's inputs, padded with copies of its first example."""
     n = batch.size
-    for static, value in zip(_tensor_leaves((entry.batch.inputs, entry.batch.targets)),
-                             _tensor_leaves((batch.inputs, batch.targets))):
+    for static, value in zip(_tensors((entry.batch.inputs, entry.batch.targets)),
+                             _tensors((batch.inputs, batch.targets))):
         static[:n].copy_(value)
         static[n:].copy_(value[:1].expand_as(static[n:]))
     torch.lt(entry.rows, n, out=entry.valid)
@@ -229,7 +222,8 @@ def _fill(entry: _Captured, batch: Batch) -> None:
 
 def _difference(got: Any, want: Any) -> str | None:
     """Where ``got`` is not within the tolerance of ``want``, norm-relative per tensor: a description, else None."""
-    for (key, a), (_, b) in zip(_leaves(got), _leaves(want)):
+    for (path, a), (_, b) in zip(*(tree_flatten_with_path(t)[0] for t in (got, want))):
+        key = keystr(path)
         if not a.is_floating_point():
             if not torch.equal(a, b):
                 return f"{key} not equal"
@@ -243,27 +237,8 @@ def _difference(got: Any, want: Any) -> str | None:
     return None
 
 
-def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
-    elif isinstance(tree, (tuple, list)):
-        for i, v in enumerate(tree):
-            yield from _leaves(v, f"{prefix}#{i}")
-    elif tree is not None:
-        yield prefix or "result", tree
-
-
-def _tensor_leaves(tree: Any) -> Iterator[Tensor]:
-    return (v for _, v in _leaves(tree) if isinstance(v, Tensor))
-
-
-def _map(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(tree, dict):
-        return {k: _map(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_map(v, fn) for v in tree)
-    return fn(tree) if isinstance(tree, Tensor) else tree
+def _tensors(tree: Any) -> list[Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
 
 
 def _warn(where: str, reason: str) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from .spec import RowSpec
 
@@ -75,17 +76,17 @@ def graph_step(spec: RowSpec, w: Any, device: torch.device, max_norm: float | No
 
 
 def _captured_plain(w: Any) -> Any:
-    from psgrad.batch import Batch, call_model
+    from psgrad.batch import call_model, map_tensors
 
     model, loss_fn = w.model, w.loss_fn
     trainable = [p for p in model.parameters() if p.requires_grad]
-    static = Batch.make(w.inputs, w.targets, "psgrad bench").select(slice(None))
-    static = Batch(_clone(static.inputs), None if static.targets is None else static.targets.clone(), static.size)
+    inputs = map_tensors(w.inputs, lambda t: t.clone())  # the graph's static inputs
+    targets = None if w.targets is None else w.targets.clone()
 
-    def plain() -> None:
+    def plain() -> None:  # gradients set to None first, so that the captured backward allocates them in the graph
         for p in trainable:
             p.grad = None
-        loss_fn(call_model(model, static.inputs), static.targets).sum().backward()
+        loss_fn(call_model(model, inputs), targets).sum().backward()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -93,31 +94,17 @@ def _captured_plain(w: Any) -> Any:
         for _ in range(WARMUPS):
             plain()
     torch.cuda.current_stream().wait_stream(side)
-    for p in trainable:
-        p.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss_fn(call_model(model, static.inputs), static.targets).sum().backward()
+        plain()
 
-    def replay(inputs: Any, targets: Any) -> None:
-        for kept, new in zip(_tensors((static.inputs, static.targets)), _tensors((inputs, targets))):
+    def replay(new_inputs: Any, new_targets: Any) -> None:
+        for kept, new in zip(_tensors((inputs, targets)), _tensors((new_inputs, new_targets))):
             kept.copy_(new)
         graph.replay()
 
     return replay
 
 
-def _clone(inputs: Any) -> Any:
-    from psgrad.batch import map_tensors
-
-    return map_tensors(inputs, lambda t: t.clone())
-
-
 def _tensors(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (tuple, list)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]

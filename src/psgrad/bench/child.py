@@ -68,6 +68,9 @@ def measure_row(spec: RowSpec) -> dict[str, Any]:
             memory = PeakMemory(device)
             memory.start()
             times, warmups, result = time_calls(step, device, spec.warmup, spec.repeats, spec.max_time)
+        for c in caught:  # others are shown as they would have been
+            if not issubclass(c.category, FallbackWarning):
+                warnings.showwarning(c.message, c.category, c.filename, c.lineno)
         fallbacks = sorted({str(c.message) for c in caught if issubclass(c.category, FallbackWarning)})
         if fallbacks:  # an engine or a captured call that ran another way than the row says
             row["extra"]["fallbacks"] = fallbacks

@@ -16,7 +16,9 @@ Three parts, each with its NOTE:
 - :mod:`~psgrad.capture.state`: objects a call was given, kept as they were when it began, for the generic rule's
   re-runs (NOTE [state passed to a call]);
 - :mod:`~psgrad.capture.layouts`: probe layouts kept for later calls on inputs of the same kind (NOTE [reusing the
-  probe's layout]).
+  probe's layout]);
+- :mod:`~psgrad.capture.held`: process-wide settings (``F.linear`` for NOTE [linear calls inside a layer], the
+  MHA fast path for the probe) changed while any caller in any thread needs them.
 
 :class:`Capture` is a context manager over the three; leaving it removes every hook and drops every captured
 tensor, also on error, so nothing stays on the user's modules or parameters.

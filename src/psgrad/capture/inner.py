@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..rules.call import Call
+from .held import Held
 from .uses import graph_edges
 
 
@@ -39,28 +40,25 @@ class _Wrapped:
     last tracker of all threads is done, whatever the order they end in)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.active = 0
         self.original: Any = None
         self.local = threading.local()
+        self.held = Held(self._install, self._uninstall)
+
+    def _install(self) -> None:
+        self.original, F.linear = F.linear, self.linear
+
+    def _uninstall(self, _: Any) -> None:
+        F.linear, self.original = self.original, None
 
     def enter(self, tracker: InnerTracker) -> None:
-        with self.lock:
-            if self.active == 0:
-                self.original = F.linear
-                F.linear = self.linear
-            self.active += 1
+        self.held.hold()
         self._stack().append(tracker)
 
     def exit(self, tracker: InnerTracker) -> None:
         stack = self._stack()
         if tracker in stack:
             stack.remove(tracker)
-            with self.lock:
-                self.active -= 1
-                if self.active == 0:
-                    F.linear = self.original
-                    self.original = None
+            self.held.release()
 
     def _stack(self) -> list[InnerTracker]:
         if not hasattr(self.local, "trackers"):

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..batch import Batch
 from ..rules.precision import autocast_state
@@ -46,23 +46,16 @@ def key(model: nn.Module, batch: Batch, units: Sequence[Unit]) -> tuple | None:
     """What a kept layout stands for (see the NOTE), or None where this call's layout cannot be kept."""
     if any(unit.module in KEEP_VALUES for unit in units):
         return None
-    inputs = []
-    for t in (*_leaves(batch.inputs), batch.targets):
-        if isinstance(t, Tensor):
-            inputs.append((tuple(t.shape[1:]), t.dtype, t.device))
-        else:
-            try:
-                hash(t)
-            except TypeError:
-                return None
-            inputs.append(t)
+    inputs = batch.signature()
+    if inputs is None:
+        return None
     modules = tuple(
         (path, type(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks),
          tuple((n, tuple(p.shape), p.dtype) for n, p in m._parameters.items() if p is not None))
         for path, m in model.named_modules()
     )
     plan = tuple((unit.path, id(unit.module), tuple(unit.params), tuple(unit.bare), tuple(unit.inner)) for unit in units)
-    return modules, plan, tuple(inputs), autocast_state(), torch.is_grad_enabled(), batch.size == 2
+    return modules, plan, inputs, autocast_state(), torch.is_grad_enabled(), batch.size == 2
 
 
 def find(model: nn.Module, at: tuple | None) -> Layout | None:
@@ -98,10 +91,3 @@ def matches(layout: Layout, units: Sequence[Unit]) -> bool:
     """Whether the real pass called every unit exactly as often as the layout has calls for it."""
     return all(len(unit.calls) == len(layout.shapes.get(u, [])) for u, unit in enumerate(units))
 
-
-def _leaves(inputs: Any) -> list[Any]:
-    if isinstance(inputs, Tensor):
-        return [inputs]
-    if isinstance(inputs, dict):
-        return list(inputs.values())
-    return list(inputs)

@@ -25,7 +25,6 @@ is not of this form, is refused.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..batch import Batch
 from ..errors import UnsupportedModelError
+from .held import Held
 from .merged import KEEP_VALUES
 from .unit import Unit, flatten_call, flatten_output
 
@@ -72,7 +72,7 @@ def probe(model: nn.Module, batch: Batch, units: Sequence[Unit], batch_size: int
     # Under no_grad, nn.TransformerEncoder may take fused "fast paths" (nested tensors) that the real,
     # grad-enabled pass never takes; the probe must run the same modules as the real pass. The switch is global:
     # probes in several threads turn it off once and the last one back on as it was.
-    _FASTPATH.off()
+    _FASTPATH.hold()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=_devices(batch)):
             leading_one = _shape_pass(model, batch, units, layout)
@@ -83,33 +83,18 @@ def probe(model: nn.Module, batch: Batch, units: Sequence[Unit], batch_size: int
                 batch_free = {k for k in leading_one if again.get(k) == layout.shapes[k[0]][k[1]][1][k[2]]}
                 layout.expandable = _expandable(model, batch, units, batch_free, size, plain)
     finally:
-        _FASTPATH.restore()
+        _FASTPATH.release()
     return layout
 
 
-class _Switch:
-    """``torch.backends.mha``'s fast-path switch off while any probe runs, in any thread, then as it was."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.active = 0
-        self.saved = True
-
-    def off(self) -> None:
-        with self.lock:
-            if self.active == 0:
-                self.saved = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-            self.active += 1
-
-    def restore(self) -> None:
-        with self.lock:
-            self.active -= 1
-            if self.active == 0:
-                torch.backends.mha.set_fastpath_enabled(self.saved)
+def _fastpath_off() -> bool:
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    return was
 
 
-_FASTPATH = _Switch()
+#: ``torch.backends.mha``'s fast-path switch, off while any probe runs, in any thread, then as it was
+_FASTPATH = Held(_fastpath_off, torch.backends.mha.set_fastpath_enabled)
 
 
 #: batch-free outputs tried one at a time where expanding all of them at once changes the model

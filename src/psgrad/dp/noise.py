@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -90,6 +90,20 @@ def _u64(value: int) -> int:
     return value & ((1 << 64) - 1)
 
 
+def seed64(seed: int | None) -> int:
+    """A 64-bit seed: ``seed`` modulo 2**64, or drawn from the OS where None."""
+    return int.from_bytes(os.urandom(8), "little") if seed is None else _u64(int(seed))
+
+
+def owned_blocks(n: int, block: int, part: tuple[int, int] | None) -> Iterator[tuple[int, int, int]]:
+    """``(k, start, stop)`` of the blocks of ``block`` positions of an ``n``-number draw that rank r of W computes
+    (``part = (r, W)``: the blocks ``k = r mod W``; every block without a part)."""
+    r, size = part or (0, 1)
+    for k, start in enumerate(range(0, n, block)):
+        if k % size == r:
+            yield k, start, min(n, start + block)
+
+
 def _mix(x: int) -> int:
     """SplitMix64's finalizer: a bijection of 64-bit integers that spreads every input bit over the output."""
     x = _u64(x + 0x9E3779B97F4A7C15)
@@ -143,7 +157,7 @@ class CounterNoise:
     MAX_BLOCKS = 1 << 32
 
     def __init__(self, seed: int | None = None, device: str | torch.device = "cpu") -> None:
-        self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else _u64(int(seed))
+        self.seed = seed64(seed)
         self.device = torch.device(device)
         self.draws = 0
         self.blocks = 0  # blocks of the run drawn so far
@@ -153,7 +167,7 @@ class CounterNoise:
         """The next draw; with ``part = (r, W)`` only its blocks ``k = r mod W``, zeros elsewhere (the W parts
         of one draw add up to the whole draw, each number once)."""
         n = math.prod(shape)
-        r, size = part or (0, 1)
+        size = (part or (0, 1))[1]
         count = -(-n // self.BLOCK)
         if self.blocks + count > self.MAX_BLOCKS:
             raise PsgradError(f"CounterNoise: a run draws at most {self.MAX_BLOCKS} blocks of {self.BLOCK} numbers "
@@ -162,11 +176,8 @@ class CounterNoise:
                                                                                            device=self.device)
         base = _mix(self.seed)
         generator = torch.Generator(device=self.device)
-        for k, start in enumerate(range(0, n, self.BLOCK)):
-            if k % size != r:
-                continue
+        for k, start, stop in owned_blocks(n, self.BLOCK, part):
             generator.manual_seed(_mix32(base + self.blocks + k))
-            stop = min(n, start + self.BLOCK)
             torch.randn(stop - start, generator=generator, dtype=dtype, device=self.device, out=out[start:stop])
         self.draws += 1
         self.blocks += count

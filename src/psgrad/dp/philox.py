@@ -24,7 +24,6 @@ integer arithmetic, measured 0.17 s per million pairs on 2 cores), so CounterNoi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PsgradError
+from .noise import owned_blocks, seed64
 
 _MASK = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox4x32 multipliers
@@ -98,7 +98,7 @@ class PhiloxNoise:
     BLOCK = 1 << 20
 
     def __init__(self, seed: int | None = None, device: str | torch.device = "cpu") -> None:
-        self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else int(seed) & ((1 << 64) - 1)
+        self.seed = seed64(seed)
         self.device = torch.device(device)
         self.counter = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -112,10 +112,8 @@ class PhiloxNoise:
         """The next draw; with ``part = (r, W)`` only its blocks ``k = r mod W``, zeros elsewhere (the W parts of one
         draw add up to the whole draw, each number once)."""
         n = math.prod(shape)
-        r, size = part or (0, 1)
         out = torch.zeros(n, dtype=dtype, device=self.device)
-        for start in range(r * self.BLOCK, n, size * self.BLOCK):
-            stop = min(n, start + self.BLOCK)
+        for _, start, stop in owned_blocks(n, self.BLOCK, part):
             self._fill(out, start, stop)
         self.counter.add_(1)
         return out.view(tuple(shape)).to(device)
