@@ -191,6 +191,49 @@ def test_both_branches_of_the_cost_model_are_exact():
         _close(got, G @ query.double().t(), f"dots T={t}")
 
 
+@pytest.mark.parametrize("layer", ["linear", "conv-patches", "conv-grouped"])
+def test_large_gradients_arrive_a_few_rows_at_a_time(layer, monkeypatch):
+    """With the budget of one materialized parameter at one row, every sink that takes rows gets the first layer's
+    weight one output row at a time, for all examples (the conv rule's patches and grouped paths, the linear forms),
+    and every result, the check's tally included, is as exact as whole."""
+    from psgrad.rules import base
+
+    monkeypatch.setattr(base, "REDUCE_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    if layer == "linear":
+        model, x = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(3, 4, 5, generator=g)
+    else:  # the grouped path takes >= 16 input channels and >= 256 output positions (conv_grouped)
+        size = 16 if layer == "conv-grouped" else 4
+        model = nn.Sequential(nn.Conv2d(16, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * size * size, 2))
+        x = torch.randn(3, 16, size, size, generator=g)
+    with torch.no_grad():
+        y = torch.randn(model(x).shape, generator=g)
+    G = _flat_truth(model, _sq, x, y)
+    rows = model[0].weight.shape[0]
+    query = torch.randn(4, G.shape[1], generator=g)
+    for sink in (sinks.Dots, sinks.Gram, sinks.Projected):
+        arrived, original = [], sink.grads
+
+        def spy(self, name, grad, part=None, original=original, arrived=arrived):
+            if name == "0.weight":
+                arrived.append(None if part is None else (part.start, part.stop, grad.shape[0]))
+            return original(self, name, grad, part)
+
+        with no_fallback(), mock.patch.object(sink, "grads", spy):
+            if sink is sinks.Dots:
+                _close(psgrad.per_sample_dots(model, _sq, x, y, query, engine="hooks", check=True),
+                       G @ query.double().t(), "dots")
+            elif sink is sinks.Gram:
+                _close(psgrad.per_sample_gram(model, _sq, x, y, engine="hooks", check=True), G @ G.t(), "gram")
+            else:
+                for kind in ("dense", "kronecker"):
+                    proj = psgrad.Projector(model, 24, kind=kind, seed=1)
+                    _close(psgrad.project(model, _sq, x, y, proj, engine="hooks", check=True),
+                           G @ proj.dense(torch.float64), kind)
+        assert arrived[:rows] == [(r, r + 1, 3) for r in range(rows)], (sink.__name__, arrived)
+
+
 def test_projector_rows_and_distortion():
     """Every row of M has squared norm 1 (signs), none zero; at dim 512 the projected Gram of a batch is within
     0.5 (relative Frobenius) of the exact Gram, for both kinds, in the median over five seeds (one draw of a random

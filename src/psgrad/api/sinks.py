@@ -67,9 +67,13 @@ class Dots(_Accumulating):
         q = self.query[name]
         return q.to(dtype=like.dtype, device=like.device)
 
-    def grads(self, name: str, g: Tensor) -> None:
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
         q = self._q(name, g)
+        q = q if rows is None else q[:, rows]  # [Q, rows, ...]: a view of the flat queries' columns
         self._add(g.reshape(g.shape[0], -1) @ q.reshape(q.shape[0], -1).t())
+
+    def takes_rows(self, name: str) -> bool:
+        return True
 
     def weight_form(self, name: str, blocks: Sequence) -> bool:
         n_q = self.shape[1]
@@ -119,9 +123,12 @@ class Gram(_Accumulating):
     def _sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return (x, x) if self.split is None else (x[: self.split], x[self.split :])
 
-    def grads(self, name: str, g: Tensor) -> None:
-        left, right = self._sides(g.reshape(g.shape[0], -1))
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
+        left, right = self._sides(g.reshape(g.shape[0], -1))  # some rows: their share of every inner product
         self._add(left @ right.t())
+
+    def takes_rows(self, name: str) -> bool:
+        return True
 
     def weight_form(self, name: str, blocks: Sequence) -> bool:
         rows, cols = self.shape
@@ -188,22 +195,33 @@ class Projected(_Accumulating):
                 self._add(flat @ block.to(flat.device), slice(start, start + block.shape[1]))
         return super().result(device)
 
-    def grads(self, name: str, g: Tensor) -> None:
+    def takes_rows(self, name: str) -> bool:
+        # traker projects the whole [B, P] at the end, by design; a dense projector whose blocks are not kept would
+        # generate them again for every chunk, which costs more than the product (NOTE [projections])
+        proj = self.projector
+        return proj.kind == "kronecker" or (proj.kind == "dense" and proj.keeps_blocks())
+
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
         proj = self.projector
         flat = g.reshape(g.shape[0], -1)
         if proj.kind == "traker":
+            assert rows is None
             self.held[name] = flat if name not in self.held else self.held[name] + flat
             return
         if proj.kind == "dense":
+            first = 0 if rows is None else rows.start * (flat.shape[1] // (rows.stop - rows.start))  # entry index
             total = None
-            for start, block in proj.blocks(name, g.device, g.dtype):
-                term = flat[:, start : start + block.shape[0]] @ block
+            for start, block in proj.blocks(name, g.device, g.dtype, (first, first + flat.shape[1])):
+                lo, hi = max(start, first), min(start + block.shape[0], first + flat.shape[1])
+                term = flat[:, lo - first : hi - first] @ block[lo - start : hi - start]
                 total = term if total is None else total.add_(term)
             self._add(total)
             return
         part = proj.parts[name]
         p_out, p_in = proj.factors(name, g.device, g.dtype)
-        z = torch.matmul(p_out, flat.view(-1, part.rows, part.cols)) @ p_in.t()  # [B, k_o, k_i]
+        if rows is not None:  # the parameter's rows are those of its matrix view (a vector is never in parts)
+            p_out = p_out[:, rows]
+        z = torch.matmul(p_out, flat.view(flat.shape[0], p_out.shape[1], part.cols)) @ p_in.t()  # [B, k_o, k_i]
         self._add(z.reshape(g.shape[0], -1), slice(part.offset, part.offset + part.size))
 
     def weight_form(self, name: str, blocks: Sequence) -> bool:

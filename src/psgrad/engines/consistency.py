@@ -105,9 +105,16 @@ class Tally(Sink):
         self.sums[name] = self.sums[name] + total if name in self.sums else total
         self.sq[name] = self.sq[name] + sq if name in self.sq else sq
 
-    def grads(self, name: str, g: Tensor) -> None:
-        self._add(name, g.sum(0), sq_norms(g))
-        self.sink.grads(name, g)
+    def takes_rows(self, name: str) -> bool:
+        return self.sink.takes_rows(name)
+
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
+        total = g.sum(0)
+        if rows is not None:  # some rows of the parameter: the others' sums are zero, the squared norms add up
+            total = torch.zeros(self.shapes[name], dtype=g.dtype, device=g.device).index_copy_(
+                0, torch.arange(rows.start, rows.stop, device=g.device), total)
+        self._add(name, total, sq_norms(g))
+        self.sink.grads(name, g, rows)
 
     def weight_form(self, name, blocks) -> bool:
         if not self.sink.weight_form(name, blocks):

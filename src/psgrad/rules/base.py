@@ -29,6 +29,7 @@ import ast
 import functools
 import hashlib
 import inspect
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -314,10 +315,29 @@ def linear_form_norms(a: Tensor, b: Tensor) -> tuple[Tensor, tuple[Tensor, Tenso
 GHOST_CHUNK_BYTES = 32 << 20
 
 
-def ghost_chunks(batch: int, per_example_bytes: int) -> list[slice]:
-    """Slices of the batch, each as many examples as keep one Gram temporary within ``GHOST_CHUNK_BYTES``."""
-    step = max(1, GHOST_CHUNK_BYTES // max(1, per_example_bytes))
+def ghost_chunks(batch: int, per_example_bytes: int, budget: int | None = None) -> list[slice]:
+    """Slices of ``batch`` items (examples, or rows), each as many as keep one temporary within ``budget`` bytes (by
+    default one Gram temporary within ``GHOST_CHUNK_BYTES``)."""
+    step = max(1, (GHOST_CHUNK_BYTES if budget is None else budget) // max(1, per_example_bytes))
     return [slice(s, min(batch, s + step)) for s in range(0, batch, step)]
+
+
+#: bytes of one parameter's per-sample gradients that a reduction materializes at once, where its sink takes them a
+#: few rows at a time (:meth:`psgrad.rules.sink.Sink.takes_rows`): ResNet-9's 256-channel 3x3 layers hold 236 MB for
+#: a batch of 100, half a plain step's peak, and making them takes about twice that again. Parts of the rows keep
+#: every example, so the sink's products with them are as large as before and read the sink's own operands (a
+#: query's rows, a projection block) once, as whole (benchmarks/README.md).
+REDUCE_CHUNK_BYTES = 32 << 20
+
+
+def reduce_chunks(sink: Sink, name: str, batch: int, shape: tuple[int, ...], element_size: int) -> list[slice] | None:
+    """The slices of rows (the first dimension of a parameter of ``shape``) in which parameter ``name`` is
+    materialized for ``sink``, or None for all at once (the sink takes them only whole, or they fit in
+    ``REDUCE_CHUNK_BYTES``)."""
+    row_bytes = batch * math.prod(shape[1:]) * element_size
+    if len(shape) < 2 or shape[0] * row_bytes <= REDUCE_CHUNK_BYTES or not sink.takes_rows(name):
+        return None
+    return ghost_chunks(shape[0], row_bytes, REDUCE_CHUNK_BYTES)
 
 
 def ghost_is_cheaper(t: int, p: int, d: int) -> bool:

@@ -37,6 +37,7 @@ from .base import (
     linear_form_norms,
     materialize_one,
     put,
+    reduce_chunks,
     sq_norms,
     weighted_sum,
     write_products,
@@ -182,6 +183,36 @@ def _clipped_from_forms(module: nn.Module, c: Tensor, a: Tensor, b: Tensor) -> T
     return torch.bmm(scaled.transpose(1, 2), a, out=out).view(module.weight.shape)
 
 
+def _reduce_in_rows(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor, chunks: Sequence[slice],
+                    sink: Sink) -> None:
+    """The per-sample weight gradients of one call (groups: 1) handed to ``sink`` a few output channels at a time:
+    each part from the grouped weight-gradient of those channels' output gradients, or from the patches, made once."""
+    bsz, w = grad.shape[0], module.weight
+    if grouped_pays(module, grad):  # NOTE [per-sample weight gradients as a grouped convolution]
+        for rows in chunks:  # each part its own fresh result
+            sink.grads("weight", grouped_weight_grads(module, x, pad, grad[:, rows]), rows)
+        return
+    b = grad.reshape(bsz, w.shape[0], -1)  # [B, p, T]
+    a = _group_patches(module, x, pad, b.shape[2])
+    for rows in chunks:
+        dest = _alloc.scratch("reduce", (bsz, rows.stop - rows.start, *w.shape[1:]), w.dtype, w.device)
+        _bmm_into(dest, (bsz, dest.shape[1], a.shape[2]), b[:, rows], a, False)
+        sink.grads("weight", dest, rows)
+
+
+def _weight_grads_into(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor, dest: Tensor,
+                       accumulate: bool) -> None:
+    """Per-sample weight gradients ``[B, *weight.shape]`` written (or added) into ``dest``, from the padded input
+    ``x`` (:func:`_padded_input`) and the output gradient ``grad`` of the same examples."""
+    if grouped_pays(module, grad):  # NOTE [per-sample weight gradients as a grouped convolution]
+        put(dest, grouped_weight_grads(module, x, pad, grad), accumulate)
+        return
+    g = module.groups
+    b = grad.reshape(grad.shape[0] * g, module.out_channels // g, -1)  # [B g, p, T]
+    a = _group_patches(module, x, pad, b.shape[2])
+    _bmm_into(dest, (b.shape[0], b.shape[1], a.shape[2]), b, a, accumulate)
+
+
 def _bmm_into(dest: Tensor, shape: tuple[int, int, int], x: Tensor, y: Tensor, accumulate: bool) -> None:
     """``dest (+)= x @ y`` with ``dest`` seen as ``shape``: straight into its memory when it can be viewed so."""
     try:
@@ -277,17 +308,9 @@ class ConvRule(Rule):
         return None
 
     def grad_sample(self, module: nn.Module, call: Call, dest: Mapping[str, Tensor], accumulate: bool) -> None:
-        bsz, g = call.batch_size, module.groups
-        p = module.out_channels // g
-        grad = call.grad(0)
+        bsz, grad = call.batch_size, call.grad(0)
         if "weight" in dest:
-            x, pad = _padded_input(module, call.arg(0))
-            if grouped_pays(module, grad):  # NOTE [per-sample weight gradients as a grouped convolution]
-                put(dest["weight"], grouped_weight_grads(module, x, pad, grad), accumulate)
-            else:
-                b = grad.reshape(bsz * g, p, -1)  # [B g, p, T]
-                a = _group_patches(module, x, pad, b.shape[2])
-                _bmm_into(dest["weight"], (bsz * g, p, a.shape[2]), b, a, accumulate)
+            _weight_grads_into(module, *_padded_input(module, call.arg(0)), grad, dest["weight"], accumulate)
         if "bias" in dest:
             flat = grad.reshape(bsz, module.out_channels, -1)
             if accumulate:
@@ -307,7 +330,12 @@ class ConvRule(Rule):
             per_group = grad.reshape(grad.shape[0], g, module.out_channels // g, -1)
             blocks = [_PatchBlock(module, x, pad, j, per_group[:, j].transpose(1, 2)) for j in range(g)]
             if not sink.weight_form("weight", blocks):
-                sink.grads("weight", materialize_one(self, module, calls, "weight"))
+                w = module.weight
+                chunks = reduce_chunks(sink, "weight", grad.shape[0], tuple(w.shape), w.element_size())
+                if chunks is None or g > 1:
+                    sink.grads("weight", materialize_one(self, module, calls, "weight"))
+                else:
+                    _reduce_in_rows(module, x, pad, grad, chunks, sink)
         if "bias" in names:
             s = _bias_grad(module, grad)
             if not sink.sum_form("bias", [(0, s)]):

@@ -37,14 +37,18 @@ def grouped_pays(module: nn.Module, grad: Tensor) -> bool:
 
 def grouped_weight_grads(module: nn.Module, x: Tensor, pad: tuple[int, ...], grad: Tensor) -> Tensor:
     """``[B, *weight.shape]`` per-sample weight gradients from the padded input ``x`` (symmetric zero padding
-    ``pad`` left) and the output gradient ``grad``."""
-    bsz, n = x.shape[0], len(module.kernel_size)
-    shape = (bsz * module.out_channels, module.in_channels // module.groups, *module.kernel_size)
-    weight = grad.new_empty(1).expand(shape)  # only its shape is read: no input gradient is asked for
+    ``pad`` left) and the output gradient ``grad``; where ``grad`` holds only some output channels (groups: 1),
+    those channels' rows of the weight, ``[B, grad.shape[1], *weight.shape[1:]]``."""
+    bsz, n, out_channels = x.shape[0], len(module.kernel_size), grad.shape[1]
+    shape = (bsz * out_channels, module.in_channels // module.groups, *module.kernel_size)
+    # only its shape is read (no input gradient is asked for), but the kernel makes it contiguous first: an expanded
+    # dummy would be copied element by element (118 MB, 25 ms for ResNet-9's 128 -> 256 layer at batch 100), while
+    # an uninitialized one is not written, and its pages are never touched
+    weight = grad.new_empty(shape)
     out = torch.ops.aten.convolution_backward(
-        grad.reshape(1, bsz * module.out_channels, *grad.shape[2:]),
+        grad.reshape(1, bsz * out_channels, *grad.shape[2:]),
         x.reshape(1, bsz * module.in_channels, *x.shape[2:]),
         weight, None, list(module.stride), list(pad), list(module.dilation), False, [0] * n,
         bsz * module.groups, [False, True, False],
     )[1]
-    return out.view(bsz, *module.weight.shape)
+    return out.view(bsz, out_channels, *module.weight.shape[1:])

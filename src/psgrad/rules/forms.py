@@ -25,7 +25,16 @@ import torch
 from torch import Tensor, nn
 
 from .._memory import alloc as _alloc
-from .base import Rule, linear_form_clipped, linear_form_norms, put, sq_norms, weighted_sum, write_products
+from .base import (
+    Rule,
+    linear_form_clipped,
+    linear_form_norms,
+    put,
+    reduce_chunks,
+    sq_norms,
+    weighted_sum,
+    write_products,
+)
 from .call import Call
 from .sink import Sink
 
@@ -58,6 +67,13 @@ class Block:
     def rows(self, examples: slice) -> Block:
         """The same block for some examples only."""
         return Block(self.offset, self.a[examples], self.b[examples])
+
+    def within(self, rows: slice) -> Block | None:
+        """The part of this block in the weight's rows ``rows``, its offset counted from ``rows.start``; None if none."""
+        lo, hi = max(rows.start, self.offset), min(rows.stop, self.offset + self.p)
+        if lo >= hi:
+            return None
+        return Block(lo - rows.start, self.a, self.b[..., lo - self.offset : hi - self.offset])
 
 
 @dataclass
@@ -184,11 +200,14 @@ class LinearFormRule(Rule):
         for name, blocks in forms.weights.items():
             if name in names and not sink.weight_form(name, blocks):
                 p = module.get_parameter(name)
-                g = _alloc.scratch("reduce", (batch, *p.shape), p.dtype, p.device)  # see materialize_one
-                if sum(blk.p for blk in blocks) != p.shape[0]:  # rows no block covers
-                    g.zero_()
-                _put_blocks(g, blocks, False)
-                sink.grads(name, g)
+                chunks = reduce_chunks(sink, name, batch, tuple(p.shape), p.element_size())
+                for rows in chunks or [slice(0, p.shape[0])]:
+                    part = [cut for blk in blocks if (cut := blk.within(rows)) is not None]
+                    g = _alloc.scratch("reduce", (batch, rows.stop - rows.start, *p.shape[1:]), p.dtype, p.device)
+                    if sum(blk.p for blk in part) != g.shape[1]:  # rows no block covers (see materialize_one)
+                        g.zero_()
+                    _put_blocks(g, part, False)
+                    sink.grads(name, g, None if chunks is None else rows)
         for name, sums in forms.sums.items():
             if name in names and not sink.sum_form(name, sums):
                 p = module.get_parameter(name)

@@ -23,9 +23,18 @@ class Sink:
     def reset(self) -> None:
         """Forget everything received: an engine calls it before each attempt (a retry starts afresh)."""
 
-    def grads(self, name: str, g: Tensor) -> None:
-        """The per-sample gradients ``[B, *shape]`` of parameter ``name`` (summed over its calls)."""
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
+        """The per-sample gradients ``[B, *shape]`` of parameter ``name`` (summed over its calls); with ``rows``
+        (only where :meth:`takes_rows` says so), only rows ``rows`` of the parameter (its first dimension, the output
+        channels of a weight), ``[B, len(rows), *shape[1:]]``."""
         raise NotImplementedError
+
+    def takes_rows(self, name: str) -> bool:
+        """Whether parameter ``name`` may arrive a few of its rows at a time (:meth:`grads` with ``rows``, each row
+        once, for every example): a rule that materializes a large gradient then never holds all of it. Every
+        quantity here is a sum over the parameter's entries, so any sink can take them; one whose own operand would
+        be made again for every part says no."""
+        return False
 
     def weight_form(self, name: str, blocks: Sequence[Any]) -> bool:
         """Parameter ``name`` (2-D) as :class:`~psgrad.rules.forms.Block` s: rows ``offset : offset + p`` of
@@ -53,8 +62,11 @@ class Renamed(Sink):
     def reset(self) -> None:
         self.sink.reset()
 
-    def grads(self, name: str, g: Tensor) -> None:
-        self.sink.grads(self.names[name], g)
+    def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
+        self.sink.grads(self.names[name], g, rows)
+
+    def takes_rows(self, name: str) -> bool:
+        return self.sink.takes_rows(self.names[name])
 
     def weight_form(self, name: str, blocks: Sequence[Any]) -> bool:
         return self.sink.weight_form(self.names[name], blocks)
