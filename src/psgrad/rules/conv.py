@@ -45,7 +45,7 @@ from .base import (
 from .call import Call
 from .conv_gram import ghost_without_patches
 from .conv_grouped import grouped_pays, grouped_weight_grads
-from .conv_patches import patches, patches_any_order
+from .conv_patches import PatchBlock, patches, patches_any_order
 from .registry import DEFAULT
 from .sink import Sink
 
@@ -228,37 +228,6 @@ def _bias_grad(module: nn.Module, grad: Tensor) -> Tensor:
     return grad.reshape(grad.shape[0], module.out_channels, -1).sum(2)
 
 
-class _PatchBlock:
-    """Group ``j`` of one call as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is made only if
-    asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
-
-    def __init__(self, module: nn.Module, x: Tensor, pad: tuple[int, ...], j: int, b: Tensor) -> None:
-        self.module, self.x, self.pad, self.j, self.b = module, x, pad, j, b
-        self.offset = j * b.shape[2]
-        self.d = module.in_channels // module.groups * math.prod(module.kernel_size)
-
-    t = property(lambda self: self.b.shape[1])
-    p = property(lambda self: self.b.shape[2])
-
-    def _group(self) -> Tensor:
-        c = self.module.in_channels // self.module.groups
-        return self.x if self.module.groups == 1 else self.x[:, self.j * c : (self.j + 1) * c]
-
-    @property
-    def a(self) -> Tensor:  # [B, T, d]
-        return patches(self.module, self._group(), self.pad, rows=True)
-
-    def rows(self, examples: slice) -> _PatchBlock:
-        return _PatchBlock(self.module, self.x[examples], self.pad, self.j, self.b[examples])
-
-    def a_times(self, w: Tensor) -> Tensor:
-        m = self.module
-        n = len(m.kernel_size)
-        kernel = w.reshape(w.shape[0], m.in_channels // m.groups, *m.kernel_size)
-        out = getattr(F, f"conv{n}d")(self._group(), kernel, None, m.stride, self.pad, m.dilation)
-        return out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
-
-
 @dataclass
 class ConvCache:
     """What the clipped sum of one convolution needs, by how its weight norm was taken: the materialized
@@ -328,7 +297,7 @@ class ConvRule(Rule):
         if "weight" in names:
             x, pad = _padded_input(module, call.arg(0))
             per_group = grad.reshape(grad.shape[0], g, module.out_channels // g, -1)
-            blocks = [_PatchBlock(module, x, pad, j, per_group[:, j].transpose(1, 2)) for j in range(g)]
+            blocks = [PatchBlock(module, x, pad, j, per_group[:, j].transpose(1, 2)) for j in range(g)]
             if not sink.weight_form("weight", blocks):
                 w = module.weight
                 chunks = reduce_chunks(sink, "weight", grad.shape[0], tuple(w.shape), w.element_size())

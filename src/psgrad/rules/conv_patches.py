@@ -106,3 +106,34 @@ def _channels_last(module: nn.Module, x: Tensor, pad: tuple[int, ...], by_offset
                   for o, d, st, t in zip(offsets, module.dilation, module.stride, size)]
         out[(slice(None), *[slice(None)] * n, slice(None), *offsets)] = moved[(slice(None), *window)]
     return out.view(bsz, math.prod(size), c * math.prod(kernel))
+
+
+class PatchBlock:
+    """Group ``j`` of one call of a convolution as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is made only if
+    asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
+
+    def __init__(self, module: nn.Module, x: Tensor, pad: tuple[int, ...], j: int, b: Tensor) -> None:
+        self.module, self.x, self.pad, self.j, self.b = module, x, pad, j, b
+        self.offset = j * b.shape[2]
+        self.d = module.in_channels // module.groups * math.prod(module.kernel_size)
+
+    t = property(lambda self: self.b.shape[1])
+    p = property(lambda self: self.b.shape[2])
+
+    def _group(self) -> Tensor:
+        c = self.module.in_channels // self.module.groups
+        return self.x if self.module.groups == 1 else self.x[:, self.j * c : (self.j + 1) * c]
+
+    @property
+    def a(self) -> Tensor:  # [B, T, d]
+        return patches(self.module, self._group(), self.pad, rows=True)
+
+    def rows(self, examples: slice) -> PatchBlock:
+        return PatchBlock(self.module, self.x[examples], self.pad, self.j, self.b[examples])
+
+    def a_times(self, w: Tensor) -> Tensor:
+        m = self.module
+        n = len(m.kernel_size)
+        kernel = w.reshape(w.shape[0], m.in_channels // m.groups, *m.kernel_size)
+        out = getattr(F, f"conv{n}d")(self._group(), kernel, None, m.stride, self.pad, m.dilation)
+        return out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
