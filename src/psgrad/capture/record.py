@@ -33,6 +33,7 @@ from ..rules.call import BatchDim, Call, Merged, Ragged
 from ..rules.precision import autocast_state
 from . import merged
 from .bare import RealTracker
+from .frontier import frontier
 from .inner import InnerTracker
 from .outputs import COPY_OUTPUTS, NeedsCopies, consumed_inside
 from .probe import Layout, batch_dim
@@ -126,7 +127,8 @@ class Recorder:
         self._on_ready = on_ready
         found: tuple = ()
         if self._edges or also:
-            found = torch.autograd.grad(loss, [*self._edges, *also], allow_unused=True, materialize_grads=False)
+            found = torch.autograd.grad(loss, [*frontier(self._edges), *also], allow_unused=True,  # NOTE [the
+                                        materialize_grads=False)  # backward's inputs] in psgrad.capture.frontier
         self._edges.clear()
         if self._error is not None:
             raise self._error
