@@ -227,11 +227,14 @@ def test_large_gradients_arrive_a_few_rows_at_a_time(layer, monkeypatch):
             elif sink is sinks.Gram:
                 _close(psgrad.per_sample_gram(model, _sq, x, y, engine="hooks", check=True), G @ G.t(), "gram")
             else:
-                for kind in ("dense", "kronecker"):
-                    proj = psgrad.Projector(model, 24, kind=kind, seed=1)
+                for kind, cache in (("dense", None), ("dense", 0), ("kronecker", None)):  # 0: blocks made anew
+                    proj = psgrad.Projector(model, 24, kind=kind, seed=1, **({} if cache is None else
+                                                                              {"cache_bytes": cache}))
                     _close(psgrad.project(model, _sq, x, y, proj, engine="hooks", check=True),
-                           G @ proj.dense(torch.float64), kind)
+                           G @ proj.dense(torch.float64), f"{kind} {cache}")
         assert arrived[:rows] == [(r, r + 1, 3) for r in range(rows)], (sink.__name__, arrived)
+        if sink is sinks.Projected:  # the uncached dense projector took parts too
+            assert arrived[rows : 2 * rows] == [(r, r + 1, 3) for r in range(rows)], arrived
 
 
 def test_projector_rows_and_distortion():

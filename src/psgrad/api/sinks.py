@@ -196,10 +196,9 @@ class Projected(_Accumulating):
         return super().result(device)
 
     def takes_rows(self, name: str) -> bool:
-        # traker projects the whole [B, P] at the end, by design; a dense projector whose blocks are not kept would
-        # generate them again for every chunk, which costs more than the product (NOTE [projections])
-        proj = self.projector
-        return proj.kind == "kronecker" or (proj.kind == "dense" and proj.keeps_blocks())
+        # traker projects the whole [B, P] at the end, by design; a dense part generates only the blocks that meet
+        # its entries (those at the parts' edges twice, where the blocks are not kept)
+        return self.projector.kind != "traker"
 
     def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
         proj = self.projector
