@@ -139,17 +139,12 @@ class Projector:
             self._cache[key] = (out.to(device=device, dtype=dtype), inn.to(device=device, dtype=dtype))
         return self._cache[key]
 
-    def keeps_blocks(self) -> bool:
-        """Whether a dense projector keeps the blocks it generates (the whole matrix fits ``cache_bytes``); else
-        :meth:`blocks` generates them again on every pass."""
-        return 4 * self.num_values * self.dim <= self.cache_bytes
-
     def blocks(self, name: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32,
                within: tuple[int, int] | None = None) -> Iterator[tuple[int, Tensor]]:
         """A dense projector's rows for parameter ``name`` as ``(first row, [rows, dim])`` blocks; with ``within``
         (a range of the parameter's entries), only the blocks that meet it."""
         numel = math.prod(self.shapes[name])
-        keep = self.keeps_blocks()
+        keep = 4 * self.num_values * self.dim <= self.cache_bytes
         for b, start in enumerate(range(0, numel, BLOCK_ROWS)):
             if within is not None and not (start < within[1] and within[0] < start + BLOCK_ROWS):
                 continue

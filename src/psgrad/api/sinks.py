@@ -208,7 +208,7 @@ class Projected(_Accumulating):
             self.held[name] = flat if name not in self.held else self.held[name] + flat
             return
         if proj.kind == "dense":
-            first = 0 if rows is None else rows.start * (flat.shape[1] // (rows.stop - rows.start))  # entry index
+            first = 0 if rows is None else rows.start * math.prod(proj.shapes[name][1:])  # the part's first entry
             total = None
             for start, block in proj.blocks(name, g.device, g.dtype, (first, first + flat.shape[1])):
                 lo, hi = max(start, first), min(start + block.shape[0], first + flat.shape[1])

@@ -111,8 +111,8 @@ class Tally(Sink):
     def grads(self, name: str, g: Tensor, rows: slice | None = None) -> None:
         total = g.sum(0)
         if rows is not None:  # some rows of the parameter: the others' sums are zero, the squared norms add up
-            total = torch.zeros(self.shapes[name], dtype=g.dtype, device=g.device).index_copy_(
-                0, torch.arange(rows.start, rows.stop, device=g.device), total)
+            total, part = torch.zeros(self.shapes[name], dtype=g.dtype, device=g.device), total
+            total[rows] = part
         self._add(name, total, sq_norms(g))
         self.sink.grads(name, g, rows)
 

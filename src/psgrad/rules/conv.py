@@ -300,8 +300,9 @@ class ConvRule(Rule):
             blocks = [PatchBlock(module, x, pad, j, per_group[:, j].transpose(1, 2)) for j in range(g)]
             if not sink.weight_form("weight", blocks):
                 w = module.weight
-                chunks = reduce_chunks(sink, "weight", grad.shape[0], tuple(w.shape), w.element_size())
-                if chunks is None or g > 1:
+                chunks = None if g > 1 else reduce_chunks(sink, "weight", grad.shape[0], tuple(w.shape),
+                                                          w.element_size())
+                if chunks is None:
                     sink.grads("weight", materialize_one(self, module, calls, "weight"))
                 else:
                     _reduce_in_rows(module, x, pad, grad, chunks, sink)

@@ -109,8 +109,8 @@ def _channels_last(module: nn.Module, x: Tensor, pad: tuple[int, ...], by_offset
 
 
 class PatchBlock:
-    """Group ``j`` of one call of a convolution as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is made only if
-    asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
+    """Group ``j`` of one call of a convolution as a :class:`~psgrad.rules.forms.Block` whose ``a`` (the patches) is
+    made only if asked: ``a m^T`` is a convolution of the input with ``m`` as a kernel, without the patches."""
 
     def __init__(self, module: nn.Module, x: Tensor, pad: tuple[int, ...], j: int, b: Tensor) -> None:
         self.module, self.x, self.pad, self.j, self.b = module, x, pad, j, b

@@ -69,7 +69,8 @@ class Block:
         return Block(self.offset, self.a[examples], self.b[examples])
 
     def within(self, rows: slice) -> Block | None:
-        """The part of this block in the weight's rows ``rows``, its offset counted from ``rows.start``; None if none."""
+        """The part of this block in the weight's rows ``rows``, its offset counted from ``rows.start`` (None: no
+        part)."""
         lo, hi = max(rows.start, self.offset), min(rows.stop, self.offset + self.p)
         if lo >= hi:
             return None

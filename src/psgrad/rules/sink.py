@@ -32,8 +32,8 @@ class Sink:
     def takes_rows(self, name: str) -> bool:
         """Whether parameter ``name`` may arrive a few of its rows at a time (:meth:`grads` with ``rows``, each row
         once, for every example): a rule that materializes a large gradient then never holds all of it. Every
-        quantity here is a sum over the parameter's entries, so any sink can take them; one whose own operand would
-        be made again for every part says no."""
+        quantity here is a sum over the parameter's entries, so a sink can take them unless it keeps the whole
+        gradient (the traker projection)."""
         return False
 
     def weight_form(self, name: str, blocks: Sequence[Any]) -> bool:
